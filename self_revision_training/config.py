@@ -1,0 +1,310 @@
+"""Typed configuration: dataclasses, YAML files and dotted CLI overrides.
+
+Precedence: dataclass defaults < a YAML file (`--config configs/x.yaml`) < CLI overrides (`a.b=c`).
+An unknown key or a value of the wrong type is a `ConfigError` naming the key and where it came from;
+nothing is silently ignored. Each phase's config is one dataclass built from the small nested ones
+defined here (`ModelConfig`, `PromptConfig`, `SamplingConfig`, `GradingConfig`, `DatasetConfig`).
+
+    cfg = load_config(MyPhaseConfig, "configs/x.yaml", ["sampling.temperature=0.7"])
+    save_run_config(cfg, output_dir)   # writes config.yaml (+ the git SHA) next to the outputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from self_revision_training.storage import atomic_write_text
+
+T = TypeVar("T")
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_CORRECT_PHRASE = "Let me rephrase the above solution."
+DEFAULT_INCORRECT_PHRASE = "Wait, this response is wrong. Let me correct it."
+
+
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the dotted key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF hub id or local directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights dtype when loading
+    trust_remote_code: bool = False  # passed to transformers / vLLM
+
+
+@dataclass
+class PromptConfig:
+    """How a problem becomes a prompt, and the outcome-conditioned phrases P_r (paper Sec. 3)."""
+
+    system_prompt: str | None = None  # None = no system turn
+    instruction: str = DEFAULT_INSTRUCTION  # appended/prepended to the problem in the user turn
+    instruction_position: Literal["after", "before", "none"] = "after"  # where the instruction goes
+    instruction_separator: str = "\n\n"  # between problem and instruction
+    correct_phrase: str = DEFAULT_CORRECT_PHRASE  # P_1, appended after a correct response
+    incorrect_phrase: str = DEFAULT_INCORRECT_PHRASE  # P_0, appended after an incorrect response
+    delimiter: str = "\n\n"  # response + delimiter + P_r + delimiter + revision
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+
+    def __post_init__(self) -> None:
+        if not self.correct_phrase.strip() or not self.incorrect_phrase.strip():
+            raise ValueError("prompt.correct_phrase and prompt.incorrect_phrase must be non-empty")
+        if self.correct_phrase == self.incorrect_phrase:
+            raise ValueError("prompt.correct_phrase and prompt.incorrect_phrase must differ")
+        if self.instruction_position != "none" and not self.instruction.strip():
+            raise ValueError("prompt.instruction is empty; set prompt.instruction_position=none instead")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # softmax temperature; 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]
+    top_k: int = -1  # -1 = off
+    max_tokens: int = 1024  # new tokens per sample
+    n: int = 1  # samples per prompt
+    seed: int | None = None  # None = unseeded
+    stop: list[str] = field(default_factory=list)  # extra stop strings (EOS always stops)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_tokens < 1 or self.n < 1:
+            raise ValueError(
+                f"sampling.max_tokens and sampling.n must be >= 1, got {self.max_tokens}, {self.n}"
+            )
+
+
+@dataclass
+class GradingConfig:
+    extraction: Literal["boxed", "boxed_or_last_number"] = "boxed"  # answer extraction mode
+    timeout_s: float = 5.0  # hard wall-clock deadline per verification (the worker is killed after it)
+    num_workers: int = 2  # verifier worker processes
+    memory_limit_mb: int = 4096  # address-space limit of each worker; 0 = none
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"grading.timeout_s must be > 0, got {self.timeout_s}")
+        if self.num_workers < 1:
+            raise ValueError(f"grading.num_workers must be >= 1, got {self.num_workers}")
+        if self.memory_limit_mb < 0:
+            raise ValueError(f"grading.memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""  # HF dataset name, or a local .json / .jsonl / .parquet file
+    subset: str | None = None  # HF config name
+    split: str = "train"  # HF split
+    problem_field: str | None = None  # None = detect (problem, question, query, prompt)
+    answer_field: str | None = None  # None = detect (answer, ground_truth, solution)
+    tests_field: str | None = None  # code mode; None = detect (tests, test_cases, examples)
+    mode: Literal["math", "code"] = "math"  # math: answers are required; code: tests are required
+    start_index: int = 0  # first row (inclusive)
+    end_index: int | None = None  # last row (exclusive); None = to the end
+    on_bad_row: Literal["error", "skip"] = "error"  # skip = drop and count malformed rows
+
+    def __post_init__(self) -> None:
+        if self.start_index < 0:
+            raise ValueError(f"dataset.start_index must be >= 0, got {self.start_index}")
+        if self.end_index is not None and self.end_index <= self.start_index:
+            raise ValueError(
+                f"dataset.end_index ({self.end_index}) must be > dataset.start_index ({self.start_index})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; known: {sorted(names)}")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (YAML-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `a.b=c` override; the value is read as YAML (`1e-5`, `true`, `null`, `[1, 2]`)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p.isidentifier() for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    # PyYAML (YAML 1.1) reads `1e-5` as a string (no dot before the exponent); a number is meant.
+    if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+        value = float(value)
+    return key, value
+
+
+def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """defaults < YAML file < dotted overrides, validated into `cls`."""
+    data: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    where = f" (from {yaml_path})" if yaml_path else ""
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from exc
+
+
+def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """`--config file.yaml a.b=c ...` -> a validated `cls` instance (SystemExit(2) on errors)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (overrides the defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.7")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def git_sha(repo_dir: str | Path | None = None) -> str | None:
+    """The git commit of this checkout (with '-dirty' when there are local changes), or None."""
+    cwd = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def save_run_config(cfg: Any, output_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config (plus `git_sha`) atomically to `output_dir/name`."""
+    payload = {"git_sha": git_sha(), **to_dict(cfg)}
+    path = Path(output_dir) / name
+    atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False, allow_unicode=True))
+    return path

@@ -1,0 +1,176 @@
+"""Prompt construction shared by every phase and by evaluation (paper Sec. 3, Fig. 1).
+
+One template for all phases (the reference used three; see the README's "Departures from the reference"):
+the tokenizer's own chat template, an optional system turn, and the user turn
+`problem + "\n\n" + instruction` (or the instruction first). After a response y is graded (r), the
+outcome-conditioned phrase P_r is appended inside the assistant turn:
+
+    chat(x) + y + delimiter + P_r + delimiter        (the model then writes the revision)
+
+Builders return both the text and its token ids. Token ids are concatenated per segment
+(chat prompt | response | phrase block | revision), each segment encoded on its own, and never by
+re-encoding the joined text: BPE merges across a boundary (Qwen turns the template's trailing "\n" plus
+a response's leading "\n\n" into one token, and "}." plus "\n\n" into "}.\n\n") would otherwise
+show the model token sequences it never sampled, and Phase 1, SFT and the Phase-2 teacher would each
+see a different tokenisation of the same text. `decode(ids) == text` holds for every builder.
+`save_prompt_spec` writes the prompt config and the chat template next to every dataset and checkpoint;
+later phases read it back with `load_prompt_spec` instead of guessing from file or model names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from self_revision_training.config import PromptConfig, from_dict, to_dict
+from self_revision_training.storage import atomic_write_json
+
+PROMPT_SPEC_FILE = "sdzero_prompt.json"
+PROMPT_SPEC_VERSION = 1
+
+
+class ChatTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the prompt builders use."""
+
+    chat_template: str | None
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    text: str
+    ids: list[int]
+
+
+class PromptSpecError(ValueError):
+    """A missing or inconsistent prompt spec (sdzero_prompt.json)."""
+
+
+def build_user_content(problem: str, cfg: PromptConfig) -> str:
+    """The user turn: the problem with the instruction after it, before it, or not at all."""
+    if cfg.instruction_position == "none":
+        return problem
+    if cfg.instruction_position == "after":
+        return problem + cfg.instruction_separator + cfg.instruction
+    return cfg.instruction + cfg.instruction_separator + problem
+
+
+def build_messages(problem: str, cfg: PromptConfig) -> list[dict[str, str]]:
+    messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    messages.append({"role": "user", "content": build_user_content(problem, cfg)})
+    return messages
+
+
+def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (the text already carries them)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_chat_prompt_text(
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], cfg: PromptConfig
+) -> str:
+    """The chat template rendered up to and including the assistant-start marker."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise PromptSpecError(f"{name} has no chat_template; SD-Zero prompts need a chat model's tokenizer")
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **cfg.chat_template_kwargs
+    )
+    if not isinstance(text, str):
+        raise PromptSpecError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
+def build_generation_prompt(tokenizer: ChatTokenizer, problem: str, cfg: PromptConfig) -> PromptTokens:
+    """chat(x): the prompt from which y_init (Phase 1) or y (Phase 2, evaluation) is sampled."""
+    text = build_chat_prompt_text(tokenizer, build_messages(problem, cfg), cfg)
+    return PromptTokens(text=text, ids=encode_text(tokenizer, text))
+
+
+def select_phrase(correct: bool, cfg: PromptConfig) -> str:
+    """P_r: the rephrase cue for a correct response (r=1), the correct-it cue otherwise (r=0)."""
+    return cfg.correct_phrase if correct else cfg.incorrect_phrase
+
+
+def build_phrase_block(correct: bool, cfg: PromptConfig) -> str:
+    """delimiter + P_r + delimiter: what separates a response from its revision."""
+    return cfg.delimiter + select_phrase(correct, cfg) + cfg.delimiter
+
+
+def build_revision_prompt(
+    tokenizer: ChatTokenizer,
+    problem: str,
+    response: str,
+    correct: bool,
+    cfg: PromptConfig,
+    response_ids: list[int] | None = None,
+) -> PromptTokens:
+    """chat(x) + y_init + delimiter + P_r + delimiter, continued by the model as y_revised (Phase 1).
+
+    Args:
+        response_ids: the sampled token ids of `response` (without EOS) when known; otherwise the
+            response text is encoded on its own.
+    """
+    prompt = build_generation_prompt(tokenizer, problem, cfg)
+    block = build_phrase_block(correct, cfg)
+    body_ids = list(response_ids) if response_ids is not None else encode_text(tokenizer, response)
+    ids = prompt.ids + body_ids + encode_text(tokenizer, block)
+    return PromptTokens(text=prompt.text + response + block, ids=ids)
+
+
+def chat_template_sha256(tokenizer: ChatTokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    if not isinstance(template, str):  # some tokenizers carry a dict of named templates
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+def build_prompt_spec(tokenizer: ChatTokenizer, cfg: PromptConfig) -> dict[str, Any]:
+    """Everything needed to rebuild the prompts exactly: the prompt config and the chat template."""
+    return {
+        "format_version": PROMPT_SPEC_VERSION,
+        "prompt": to_dict(cfg),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "eos_token": getattr(tokenizer, "eos_token", None),
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+    }
+
+
+def save_prompt_spec(directory: str | Path, tokenizer: ChatTokenizer, cfg: PromptConfig) -> Path:
+    path = Path(directory) / PROMPT_SPEC_FILE
+    atomic_write_json(path, build_prompt_spec(tokenizer, cfg))
+    return path
+
+
+def load_prompt_spec(directory: str | Path) -> tuple[PromptConfig, dict[str, Any]]:
+    """Read `sdzero_prompt.json` from a dataset or checkpoint directory -> (PromptConfig, raw spec)."""
+    path = Path(directory) / PROMPT_SPEC_FILE
+    if not path.is_file():
+        raise PromptSpecError(f"{path} not found: {directory} was not written by SD-Zero (no prompt spec)")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PromptSpecError(f"{path}: not valid JSON ({exc})") from exc
+    if spec.get("format_version") != PROMPT_SPEC_VERSION:
+        raise PromptSpecError(
+            f"{path}: format_version {spec.get('format_version')!r} != {PROMPT_SPEC_VERSION}"
+        )
+    return from_dict(PromptConfig, spec["prompt"], prefix="prompt."), spec
+
+
+def check_prompt_spec(spec: dict[str, Any], tokenizer: ChatTokenizer, cfg: PromptConfig) -> None:
+    """Raise if `tokenizer`/`cfg` would build different prompts than the ones recorded in `spec`."""
+    if spec["prompt"] != to_dict(cfg):
+        diff = {k: (spec["prompt"].get(k), v) for k, v in to_dict(cfg).items() if spec["prompt"].get(k) != v}
+        raise PromptSpecError(f"prompt config differs from the recorded one (recorded, current): {diff}")
+    if spec.get("chat_template_sha256") != chat_template_sha256(tokenizer):
+        raise PromptSpecError("the tokenizer's chat template differs from the recorded one")

@@ -1,0 +1,104 @@
+"""Durable file output: atomic writes and append-only JSONL that survives a kill mid-write.
+
+A crash or SIGKILL must lose no finished work: whole files are written to a temporary sibling and
+renamed into place (`atomic_write_text`, `atomic_write_json`); record logs are appended one JSON line at
+a time and fsync'ed per batch (`JsonlWriter`). `read_jsonl` ignores a torn last line (the only damage a
+kill can do to an append-only file) and reports anything else as an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class DataFileError(ValueError):
+    """A malformed data file; the message names the file and line."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class JsonlWriter:
+    """Append-only JSONL log; `write_batch` makes a batch durable before returning."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_torn_tail(self.path)
+        self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write_batch(self, records: Iterable[dict[str, Any]]) -> int:
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        self._handle.write("".join(lines))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        return len(lines)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Drop an incomplete last line left by a kill during a write (no newline at the end)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        content = handle.read()
+        cut = content.rfind(b"\n") + 1
+        handle.truncate(cut)
+
+
+def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, record) from a JSONL file; line numbers start at 1, blank lines are skipped."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            torn = lineno == len(lines) and not line.endswith("\n")
+            if torn and allow_torn_tail:
+                return
+            raise DataFileError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(record, dict):
+            raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def read_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
+    return [record for _, record in iter_jsonl(path, allow_torn_tail=allow_torn_tail)]
