@@ -1,0 +1,186 @@
+"""Training throughput of the SFT step (tokens/s and MFU), using `self_revision_training.sft.train_step`.
+
+Not a test. Builds a random-weight Qwen3 model from a config (no download), wraps it exactly as
+`sft.py` does (CompletionLossModel + FSDP2 + AdamW) and times full optimizer steps on random tokens.
+
+    PYTHONPATH=. python scripts/bench_sft.py                                   # tiny model, CPU
+    PYTHONPATH=. python scripts/bench_sft.py --device cuda --preset qwen3-0.6b --seq-len 4096 \
+        --micro-batch 1 --activation-checkpointing --out bench_sft_gpu.json   # one GPU, bf16 compute
+
+MFU = flops_per_token x tokens/s / peak, with flops_per_token = 6 N + 12 L H Q T (N = non-embedding
+parameters plus the lm_head matmul, L layers, H query heads, Q head dim, T sequence length; PaLM
+appendix B). Activation-checkpoint recomputation is not counted (model FLOPs, not hardware FLOPs).
+Peak default: H100 SXM dense bf16, 989e12. Needs only torch, transformers, safetensors, pyyaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from self_revision_training import distributed as dist_utils  # noqa: E402
+from self_revision_training.config import ModelConfig  # noqa: E402
+from self_revision_training.sft import SFTConfig, SFTDataConfig, build_optimizer, collate, train_step  # noqa: E402
+from self_revision_training.sft_data import IGNORE_INDEX, SFTExample  # noqa: E402
+from self_revision_training.sft_loss import CompletionLossModel  # noqa: E402
+
+PRESETS = {
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+    ),
+}
+
+
+def flops_per_token(config, seq_len: int) -> tuple[float, int]:
+    """6 N + 12 L H Q T with N = non-embedding params + lm_head (counted even when tied)."""
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    embed = config.vocab_size * config.hidden_size
+    n = total - embed + (embed if config.tie_word_embeddings else 0)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * n + attention, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (tiny 512, else 4096)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per forward")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--prompt-fraction", type=float, default=0.1, help="masked prompt share of each sequence"
+    )
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument(
+        "--peak-flops", type=float, default=989e12, help="per-device peak (H100 SXM bf16 dense)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    if args.device == "cpu" and torch.cuda.is_available():
+        raise SystemExit("a GPU is visible; run with --device cuda (or CUDA_VISIBLE_DEVICES= for CPU)")
+
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    seq_len = args.seq_len or (512 if args.preset == "tiny" else 4096)
+    device = dist_utils.init()
+    world = dist_utils.world_size()
+    torch.manual_seed(0)
+    config = Qwen3Config(**PRESETS[args.preset])
+    causal_lm = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=args.attn_implementation
+    )
+    causal_lm.config.use_cache = False
+    mixed = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
+    model = CompletionLossModel(causal_lm)
+    dist_utils.wrap_fsdp(
+        model, device, mixed_precision=mixed, activation_checkpointing=args.activation_checkpointing
+    )
+    model.train()
+    # optimizer settings: the SFT defaults (AdamW, betas (0.9, 0.95), wd 1e-4, clip 1.0)
+    cfg = SFTConfig(
+        output_dir="unused", model=ModelConfig(path="random"), data=SFTDataConfig(train_file="random")
+    )
+    optimizer = build_optimizer(model, cfg)
+
+    generator = torch.Generator().manual_seed(dist_utils.rank())
+    n_prompt = int(seq_len * args.prompt_fraction)
+
+    def micro_batches():
+        out = []
+        for _ in range(args.grad_accum):
+            ids = torch.randint(
+                0, config.vocab_size, (args.micro_batch, seq_len), generator=generator
+            ).tolist()
+            examples = [SFTExample(row, [IGNORE_INDEX] * n_prompt + row[n_prompt:], "random") for row in ids]
+            out.append((collate(examples, 0, device), 1.0))
+        return out
+
+    times, tokens = [], []
+    for step in range(args.warmup_steps + args.steps):
+        batches = micro_batches()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stats = train_step(model, optimizer, batches, cfg.max_grad_norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup_steps:
+            times.append(time.perf_counter() - t0)
+            tokens.append(stats["num_tokens"])
+    tokens_per_s = sum(tokens) / sum(times)
+    fpt, n_params = flops_per_token(config, seq_len)
+    result = {
+        "bench": "sft_train_step",
+        "device": device.type,
+        "preset": args.preset,
+        "world_size": world,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "seq_len": seq_len,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "activation_checkpointing": args.activation_checkpointing,
+        "mixed_precision_bf16": mixed,
+        "attn_implementation": args.attn_implementation,
+        "steps": args.steps,
+        "step_seconds_mean": statistics.mean(times),
+        "step_seconds_min": min(times),
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / world,
+        "flops_per_token": fpt,
+        "non_embedding_params_plus_lm_head": n_params,
+        "mfu": fpt * tokens_per_s / (args.peak_flops * world),
+        "peak_flops": args.peak_flops,
+        "peak_memory_gib": dist_utils.peak_memory_gib(device),
+        "last_loss": stats["loss"],
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    if dist_utils.is_main():
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out is not None:
+            args.out.write_text(line + "\n")
+    dist_utils.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Training checkpoints (resume) and the consolidated Hugging Face export, written atomically.
+
+Layout of `<output_dir>/checkpoints/step_000120/`:
+    model_optim/          DCP shards of the FSDP2 model + optimizer (one file per rank; resharded on load)
+    trainer_state.json    step, epoch, world size, global batch, scheduler state, resolved config
+    rng_rank{r}.pt        python / numpy / torch (/ cuda) RNG states of rank r
+Everything is written into `.tmp_step_000120` next to it, fsync'ed, then renamed, so a directory named
+`step_*` is always complete; a leftover `.tmp_*` (killed mid-write) is deleted on the next start.
+Needs a filesystem shared by all ranks (multi-node: a network filesystem), like DCP itself.
+
+`save_hf_export` gathers the full state dict to rank 0 and writes safetensors + config.json +
+generation_config.json + tokenizer files (+ whatever `extra_files` adds, e.g. sdzero_prompt.json) into a
+temp dir that is renamed into place; transformers and vLLM load the result directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from self_revision_training import distributed as dist_utils
+from self_revision_training.storage import atomic_write_json
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_publish(tmp: Path, final: Path) -> None:
+    _fsync_tree(tmp)
+    if final.exists():  # e.g. a re-export of `final/`: move the old one aside first, then drop it
+        old = final.with_name(f".old_{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(ckpt_root: str | Path) -> list[Path]:
+    """Delete leftovers of an interrupted save (main rank only); returns what was removed."""
+    root = Path(ckpt_root)
+    removed = [p for p in root.glob(".tmp_*")] if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` (all ranks call this) and keep only the newest `keep_last`."""
+    root = Path(ckpt_root)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    if dist_utils.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist_utils.barrier()
+    dist_utils.save_sharded_state(model, optimizer, tmp / "model_optim")
+    torch.save(_rng_state(), tmp / f"rng_rank{dist_utils.rank()}.pt")
+    dist_utils.barrier()
+    if dist_utils.is_main():
+        atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        _atomic_publish(tmp, final)
+        for old in list_checkpoints(root)[: -keep_last or None] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist_utils.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model + optimizer (+ this rank's RNG when saved by a run of the same world size)."""
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    dist_utils.load_sharded_state(model, optimizer, path / "model_optim")
+    rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def save_hf_export(
+    model: nn.Module,
+    out_dir: str | Path,
+    hf_config: Any,
+    tokenizer: Any,
+    *,
+    save_dtype: torch.dtype,
+    generation_config: Any = None,
+    strip_prefix: str = "",
+    extra_files: Callable[[Path], None] | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Consolidated Hugging Face directory (all ranks call this; rank 0 writes)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    full = dist_utils.get_full_state_dict(model)
+    out = Path(out_dir)
+    if dist_utils.is_main():
+        state = {k.removeprefix(strip_prefix): v.to(save_dtype).contiguous() for k, v in full.items()}
+        if getattr(hf_config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight; HF/vLLM re-tie on load
+        tmp = out.with_name(f".tmp_{out.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        for filename, keys in split.filename_to_tensors.items():
+            save_file({k: state[k] for k in keys}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
+            atomic_write_json(
+                tmp / "model.safetensors.index.json", {**index, "weight_map": split.tensor_to_filename}
+            )
+        hf_config.dtype = save_dtype
+        hf_config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+        _atomic_publish(tmp, out)
+    dist_utils.barrier()
+    return out
