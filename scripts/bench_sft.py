@@ -71,6 +71,24 @@ def flops_per_token(config, seq_len: int) -> tuple[float, int]:
     return 6 * n + attention, n
 
 
+def throughput_fields(args, times, tokens_per_s, world, fpt, n_params, device) -> dict:
+    """The timing / MFU part of a benchmark's JSON line (shared by bench_distill_learner.py)."""
+    return {
+        "steps": args.steps,
+        "step_seconds_mean": statistics.mean(times),
+        "step_seconds_min": min(times),
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / world,
+        "flops_per_token": fpt,
+        "non_embedding_params_plus_lm_head": n_params,
+        "mfu": fpt * tokens_per_s / (args.peak_flops * world),
+        "peak_flops": args.peak_flops,
+        "peak_memory_gib": dist_utils.peak_memory_gib(device),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,19 +178,8 @@ def main() -> None:
         "activation_checkpointing": args.activation_checkpointing,
         "mixed_precision_bf16": mixed,
         "attn_implementation": args.attn_implementation,
-        "steps": args.steps,
-        "step_seconds_mean": statistics.mean(times),
-        "step_seconds_min": min(times),
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_device": tokens_per_s / world,
-        "flops_per_token": fpt,
-        "non_embedding_params_plus_lm_head": n_params,
-        "mfu": fpt * tokens_per_s / (args.peak_flops * world),
-        "peak_flops": args.peak_flops,
-        "peak_memory_gib": dist_utils.peak_memory_gib(device),
+        **throughput_fields(args, times, tokens_per_s, world, fpt, n_params, device),
         "last_loss": stats["loss"],
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
     }
     if dist_utils.is_main():
         line = json.dumps(result)

@@ -306,3 +306,128 @@ def global_token_count(masks: list[torch.Tensor], all_reduce=None) -> torch.Tens
     if all_reduce is not None:
         all_reduce(count)
     return count
+
+
+def compute_sparse_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_ids: torch.Tensor | None = None,
+    *,
+    kl_type: KLType = "reverse",
+    mixed_kl_weight: float = 0.5,
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token divergence against teacher log-probs shipped by a separate teacher process.
+
+    The teacher sends, per target token, either its full log-softmax (teacher_ids None) or its top-k
+    ids and log-probs (log_softmax(z_T / T) gathered at its k largest entries). Both are renormalised on
+    the support here, so the result equals `compute_token_divergence(student, teacher_full_logits,
+    top_k=k)` (and top_k=None for the full case) without ever moving [N, V] teacher tensors.
+
+    Args:
+        student_logits: [N, V] (gradients flow); divided by `temperature` here.
+        teacher_logprobs: [N, k] (or [N, V]) teacher log-probs already at `temperature`; detached here.
+        teacher_ids: [N, k] int64 vocabulary ids of `teacher_logprobs`, or None for the full vocabulary.
+    Returns:
+        [N] divergence per token (float32, or float64 for float64 inputs).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student = student_logits.to(dtype)
+    if temperature != 1.0:
+        student = student / temperature
+    if teacher_ids is not None:
+        if teacher_ids.shape != teacher_logprobs.shape:
+            raise ValueError(
+                f"teacher ids {tuple(teacher_ids.shape)} != log-probs {tuple(teacher_logprobs.shape)}"
+            )
+        student = student.gather(-1, teacher_ids.long())  # [N, k]
+    if student.shape != teacher_logprobs.shape:
+        raise ValueError(f"student {tuple(student.shape)} vs teacher {tuple(teacher_logprobs.shape)}")
+    return compute_token_divergence(  # log_softmax renormalises both on the support; T already applied
+        student,
+        teacher_logprobs.detach().to(dtype),
+        kl_type=kl_type,
+        mixed_kl_weight=mixed_kl_weight,
+        jsd_beta=jsd_beta,
+    )
+
+
+def _chunk_sparse_terms(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    options: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float()  # [C, V]
+    divergence = compute_sparse_token_divergence(logits, teacher_logprobs, teacher_ids, **options)  # [C]
+    student_target_logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [C], raw
+    return divergence, student_target_logprobs
+
+
+class StudentDistillationModel(torch.nn.Module):
+    """Wraps a Hugging Face causal LM so that one forward returns per-target-token divergences.
+
+    Only positions that predict a target token go through the lm_head, `chunk_size` rows at a time, each
+    chunk recomputed in backward (activation checkpointing), so no [B, T, V] tensor exists. FSDP2 uses
+    this module as the root, so the lm_head is gathered for the whole loss.
+    """
+
+    def __init__(self, causal_lm: torch.nn.Module, options: dict, chunk_size: int = 1024):
+        super().__init__()
+        for name in ("model", "lm_head"):
+            if not hasattr(causal_lm, name):
+                raise ValueError(
+                    f"{type(causal_lm).__name__} has no '.{name}'; expected a Llama/Qwen-style LM"
+                )
+        self.causal_lm = causal_lm
+        self.options = dict(options)
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, T] {0,1}
+        position_ids: torch.Tensor,  # [B, T]
+        target_mask: torch.Tensor,  # [B, T] {0,1}: 1 on target tokens
+        teacher_logprobs: torch.Tensor,  # [N, k] (or [N, V]), N = target_mask.sum(), row-major order
+        teacher_ids: torch.Tensor | None = None,  # [N, k]; None = full vocabulary
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (divergence [N], student log-prob of each target token [N], raw distribution, detached)."""
+        from torch.utils.checkpoint import checkpoint
+
+        out = self.causal_lm.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state  # [B, T, H]
+        predicts = target_mask[:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
+        selected = hidden[:, :-1][predicts]  # [N, H]
+        targets = input_ids[:, 1:][predicts]  # [N]
+        if selected.shape[0] != teacher_logprobs.shape[0]:
+            raise ValueError(
+                f"{selected.shape[0]} student targets but {teacher_logprobs.shape[0]} teacher rows"
+            )
+        divergences, logprobs = [], []
+        for start in range(0, selected.shape[0], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            args = (
+                selected[rows],
+                self.causal_lm.lm_head,
+                targets[rows],
+                teacher_logprobs[rows],
+                None if teacher_ids is None else teacher_ids[rows],
+                self.options,
+            )
+            if torch.is_grad_enabled() and selected.requires_grad:
+                div, lp = checkpoint(_chunk_sparse_terms, *args, use_reentrant=False)
+            else:
+                div, lp = _chunk_sparse_terms(*args)
+            divergences.append(div)
+            logprobs.append(lp.detach())
+        if not divergences:  # keep the graph connected: every rank must run backward
+            return (hidden.sum() * 0.0)[None][:0], hidden.new_zeros(0)
+        return torch.cat(divergences), torch.cat(logprobs)

@@ -233,6 +233,10 @@ class HFBackend:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos_ids
 
+    def set_call_index(self, index: int) -> None:
+        """Make the next generate call draw the seed of call number `index` (replays a resumed run)."""
+        self._calls = index
+
     def _call_seed(self) -> int:
         # One seed per call, derived from the engine seed, so a fresh backend replays the same samples
         # for the same call sequence without touching the process-wide RNG.

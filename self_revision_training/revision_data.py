@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_revision_training.storage import DataFileError, iter_jsonl
+from self_revision_training.storage import DataFileError, iter_jsonl, read_json_list
 
 ATTEMPTS_FILE = "attempts.jsonl"
 VERIFIED_FILE = "verified.jsonl"
@@ -238,15 +238,7 @@ def load_verified(source: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def _iter_revision_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise DataFileError(f"{path}: expected a JSON list of records")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise DataFileError(f"{path}: item {i} is not an object")
+        for i, rec in enumerate(read_json_list(path)):
             yield f"{path}: item {i}", rec
         return
     pending: list[tuple[str, dict[str, Any]]] = []

@@ -20,7 +20,6 @@ its global step alone and the batches do not depend on how the global batch is s
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from self_revision_training.prompts import (
     encode_text,
     select_phrase,
 )
-from self_revision_training.storage import DataFileError, iter_jsonl
+from self_revision_training.storage import DataFileError, iter_jsonl, read_json_list
 
 IGNORE_INDEX = -100  # label of positions that are not trained (prompt, padding)
 STRUCTURED_FIELDS = ("x", "y_init", "p_r", "y_revised", "y_init_correct")
@@ -88,15 +87,7 @@ def load_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise DataFileError(f"{path}: training data file not found")
     if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise DataFileError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise DataFileError(f"{path}: item {i} is a {type(rec).__name__}, expected an object")
+        data = read_json_list(path)
         return [(f"{path}:item {i}", rec) for i, rec in enumerate(data)]
     return [(f"{path}:{lineno}", rec) for lineno, rec in iter_jsonl(path, allow_torn_tail=False)]
 

@@ -103,3 +103,18 @@ def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> Iterator[tu
 
 def read_jsonl(path: str | Path, *, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
     return [record for _, record in iter_jsonl(path, allow_torn_tail=allow_torn_tail)]
+
+
+def read_json_list(path: str | Path) -> list[dict[str, Any]]:
+    """A .json file holding a list of objects; errors name the file and the line or item."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(data, list):
+        raise DataFileError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataFileError(f"{path}: item {i} is a {type(rec).__name__}, expected an object")
+    return data

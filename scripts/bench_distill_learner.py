@@ -1,0 +1,147 @@
+"""Throughput of the Phase-2 learner step (tokens/s and MFU): forward + backward + AdamW with the
+distillation loss (`losses.StudentDistillationModel`) against given teacher top-k log-probs.
+
+Not a test. Random-weight Qwen3 from a config (no download), FSDP2 as in `actors.Learner`.
+
+    PYTHONPATH=. python scripts/bench_distill_learner.py                          # tiny model, CPU
+    PYTHONPATH=. python scripts/bench_distill_learner.py --device cuda --preset qwen3-0.6b --seq-len 4096 \
+        --response-len 3584 --micro-batch 1 --activation-checkpointing --out bench_distill_gpu.json
+
+MFU as scripts/bench_sft.py: flops_per_token = 6 N + 12 L H Q T (N = non-embedding params + lm_head),
+model FLOPs only. Peak default H100 SXM dense bf16 (989e12). Needs only torch, transformers, safetensors,
+pyyaml (no ray / vllm / datasets / math-verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.bench_sft import PRESETS, flops_per_token, throughput_fields  # noqa: E402
+from self_distillation.losses import StudentDistillationModel  # noqa: E402
+from self_distillation.rollout_data import collate_sequences  # noqa: E402
+from self_revision_training import distributed as dist_utils  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="prompt + response tokens (tiny 512, else 4096)"
+    )
+    parser.add_argument(
+        "--response-len", type=int, default=None, help="target tokens per sequence (default 7/8)"
+    )
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--kl-type", default="mixed", choices=["forward", "reverse", "mixed", "jsd"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--peak-flops", type=float, default=989e12)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    seq_len = args.seq_len or (512 if args.preset == "tiny" else 4096)
+    response_len = args.response_len or seq_len * 7 // 8
+    device = dist_utils.init()
+    world = dist_utils.world_size()
+    torch.manual_seed(0)
+    config = Qwen3Config(**PRESETS[args.preset])
+    causal_lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    causal_lm.config.use_cache = False
+    options = {"kl_type": args.kl_type, "mixed_kl_weight": 0.5, "jsd_beta": 0.5, "temperature": 1.0}
+    model = StudentDistillationModel(causal_lm, options, args.chunk_size)
+    mixed = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
+    dist_utils.wrap_fsdp(
+        model, device, mixed_precision=mixed, activation_checkpointing=args.activation_checkpointing
+    )
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(dist_utils.rank())
+    n_prompt = seq_len - response_len
+
+    def micro_batch():
+        seqs = [
+            (
+                torch.randint(0, config.vocab_size, (seq_len,), generator=gen).tolist(),
+                [0] * n_prompt + [1] * response_len,
+            )
+            for _ in range(args.micro_batch)
+        ]
+        batch = {k: v.to(device) for k, v in collate_sequences(seqs, 0).items()}
+        n = args.micro_batch * response_len
+        lps, ids = (
+            torch.randn(n, config.vocab_size, generator=gen).log_softmax(-1).topk(args.top_k, -1)
+            if args.preset == "tiny"
+            else (
+                torch.randn(n, args.top_k, generator=gen).log_softmax(-1),
+                torch.randint(0, config.vocab_size, (n, args.top_k), generator=gen),
+            )
+        )
+        return batch, lps.to(device), ids.to(device)
+
+    times, tokens = [], []
+    loss = 0.0
+    for step in range(args.warmup_steps + args.steps):
+        batches = [micro_batch() for _ in range(args.grad_accum)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        count = args.micro_batch * response_len * args.grad_accum * world
+        for batch, lps, ids in batches:
+            divergence, _ = model(**batch, teacher_logprobs=lps, teacher_ids=ids)
+            (divergence.sum() * world / count).backward()
+            loss = float(divergence.detach().mean())
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup_steps:
+            times.append(time.perf_counter() - t0)
+            tokens.append(args.micro_batch * seq_len * args.grad_accum * world)
+    tokens_per_s = sum(tokens) / sum(times)
+    fpt, n_params = flops_per_token(config, seq_len)
+    result = {
+        "bench": "distill_learner_step",
+        "device": device.type,
+        "preset": args.preset,
+        "world_size": world,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "seq_len": seq_len,
+        "response_len": response_len,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "top_k": args.top_k,
+        "kl_type": args.kl_type,
+        "activation_checkpointing": args.activation_checkpointing,
+        "mixed_precision_bf16": mixed,
+        **throughput_fields(args, times, tokens_per_s, world, fpt, n_params, device),
+        "last_kl_mean": loss,
+    }
+    if dist_utils.is_main():
+        print(json.dumps(result), flush=True)
+        if args.out is not None:
+            args.out.write_text(json.dumps(result) + "\n")
+    dist_utils.cleanup()
+
+
+if __name__ == "__main__":
+    main()

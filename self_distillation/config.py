@@ -1,0 +1,167 @@
+"""Typed configuration of Phase 2, on-policy self-distillation (`self_distillation.train`).
+
+defaults < `configs/phase2_distill.yaml` < CLI dotted overrides (`loss.kl_type=reverse`); an unknown key
+is an error. Defaults follow the reference run (sdzero_reference.md §5.1-5.2) except where noted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from self_revision_training.config import (
+    BackendConfig,
+    ConfigError,
+    DatasetConfig,
+    GradingConfig,
+    ModelConfig,
+    PromptConfig,
+    SamplingConfig,
+)
+
+
+@dataclass
+class LossConfig:
+    kl_type: Literal["forward", "reverse", "mixed", "jsd"] = "mixed"  # reference default: mixed
+    mixed_kl_weight: float = 0.5  # weight of the forward term in "mixed"
+    jsd_beta: float = 0.5  # jsd mixture weight
+    top_k: int | None = 64  # teacher support (renormalised top-k, reference); null = full vocabulary
+    temperature: float = 1.0  # applied to BOTH student and teacher logits (reference flaw §7.20)
+    keep_first_copy_eos: bool = False  # True = reference: teacher sees "...y<eos>\n\nP_r\n\ny"
+    chunk_size: int = 1024  # student target positions per lm_head chunk in the loss
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mixed_kl_weight <= 1 or not 0 < self.jsd_beta < 1:
+            raise ValueError("loss.mixed_kl_weight must be in [0, 1] and loss.jsd_beta in (0, 1)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"loss.top_k must be null or >= 1, got {self.top_k}")
+        if self.temperature <= 0 or self.chunk_size < 1:
+            raise ValueError("loss.temperature must be > 0 and loss.chunk_size >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (all parameters, as torch AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 20  # linear warm-up steps, then constant (reference: LinearLR + ConstantLR)
+    warmup_start_factor: float = 0.1  # lr multiplier at step 0 (reference 0.1)
+    max_grad_norm: float = 1.0  # global L2 clip; <= 0 = off (norm still logged)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0:
+            raise ValueError("optim: lr > 0, weight_decay >= 0, eps > 0, warmup_steps >= 0 required")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 < self.warmup_start_factor <= 1:
+            raise ValueError("optim.warmup_start_factor must be in (0, 1]")
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = True  # false = every actor is a plain object in the driver process (tests, debugging)
+    placement: Literal["colocated", "split"] = "colocated"  # colocated: rollout, teacher, learner share GPUs
+    num_learners: int = 1  # learner ranks (FSDP2 data parallel); one GPU each when GPUs are used
+    num_gpus: int = 0  # GPUs in the cluster for this run (0 = CPU only)
+    rollout_gpus: float = 1.0  # split placement: GPUs for the rollout engine
+    teacher_gpus: float = 1.0  # split placement: GPUs for the teacher
+    learner_cpus: float = 0.0  # CPUs requested per learner actor (0 fits small CPU machines)
+    address: str | None = None  # null = RAY_ADDRESS from the environment or a new local cluster
+    master_port: int | None = None  # torch.distributed rendezvous port; null = a free one on rank 0's node
+
+    def __post_init__(self) -> None:
+        if self.num_learners < 1 or self.num_gpus < 0 or self.learner_cpus < 0:
+            raise ValueError("ray.num_learners >= 1, ray.num_gpus >= 0 and ray.learner_cpus >= 0 required")
+
+
+@dataclass
+class SelfDistillationConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)  # the policy pi_theta (dtype: master weights)
+    teacher: ModelConfig = field(default_factory=ModelConfig)  # the frozen SRT checkpoint (Phase 1 final/)
+    prompt: PromptConfig = field(default_factory=PromptConfig)  # used only when prompt_source=config
+    prompt_source: Literal["auto", "config"] = "auto"  # auto: the teacher's sdzero_prompt.json (required)
+    train_data: DatasetConfig = field(default_factory=DatasetConfig)
+    val_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))  # path "" = none
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=8192))  # rollouts
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    grading: GradingConfig = field(default_factory=lambda: GradingConfig(num_workers=8))
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output_dir: str = ""  # required: config.yaml, metrics.jsonl, checkpoints/, weights/, final/
+    seed: int = 42  # data order, torch, rollout engine seed
+    num_prompts_per_step: int = 128  # problems per step
+    num_generations_per_prompt: int = 1  # samples per problem
+    train_global_batch_size: int = 0  # sequences per optimizer step; 0 = all samples of the step (one step)
+    micro_batch_size: int = 1  # sequences per forward per learner rank
+    max_num_steps: int = 1000  # training steps
+    max_num_epochs: int = 5  # passes over the training problems
+    max_total_sequence_length: int = 8192  # student prompt + response tokens
+    max_teacher_tokens: int = 32768  # teacher sequence budget (y is cut in both copies to fit)
+    teacher_sync_every: int = 0  # copy the student into the teacher every N steps; 0 = frozen (default)
+    teacher_ema_decay: float = 0.0  # at a sync: teacher = d * teacher + (1 - d) * student; 0 = hard copy
+    teacher_offload: bool = True  # GPU: move the teacher to CPU between scoring calls (colocated)
+    val_period: int = 20  # steps between validations; 0 = none (start/end still run when val_data set)
+    val_at_start: bool = True  # validate before the first step
+    val_at_end: bool = True  # validate after the last step
+    val_k: int = 1  # samples per validation problem (avg@k); reference used 8 on AIME
+    val_max_samples: int = 512  # cap on validation problems
+    save_period: int = 10  # steps between checkpoints (the last step is always saved); 0 = last only
+    keep_last: int = 2  # newest checkpoints kept, plus the best by validation accuracy
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # learner: auto = bf16 compute on CUDA
+    activation_checkpointing: bool = True  # learner: recompute decoder layers in backward
+    log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
+    wandb: bool = False  # log to W&B when installed (WANDB_* env vars apply)
+    wandb_project: str = "sd-zero"  # W&B project
+    tensorboard: bool = False  # write output_dir/tensorboard when installed
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir is required")
+        if not self.student.path or not self.teacher.path or not self.train_data.path:
+            raise ConfigError("student.path, teacher.path and train_data.path are required")
+        positive = (
+            "num_prompts_per_step",
+            "num_generations_per_prompt",
+            "micro_batch_size",
+            "max_num_steps",
+            "max_num_epochs",
+            "val_k",
+            "val_max_samples",
+            "log_every",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in (
+            "train_global_batch_size",
+            "teacher_sync_every",
+            "val_period",
+            "save_period",
+            "keep_last",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        samples = self.num_prompts_per_step * self.num_generations_per_prompt
+        if self.train_global_batch_size and samples % self.train_global_batch_size:
+            raise ConfigError(
+                f"train_global_batch_size ({self.train_global_batch_size}) must divide the samples per step "
+                f"({samples} = num_prompts_per_step x num_generations_per_prompt)"
+            )
+        if self.max_total_sequence_length < 2 or self.max_teacher_tokens < 3:
+            raise ConfigError("max_total_sequence_length >= 2 and max_teacher_tokens >= 3 required")
+        if not 0 <= self.teacher_ema_decay < 1:
+            raise ConfigError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}")
+        if self.sampling.n != 1:
+            raise ConfigError("set num_generations_per_prompt, not sampling.n")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.num_prompts_per_step * self.num_generations_per_prompt
+
+    @property
+    def optimizer_steps_per_step(self) -> int:
+        return (
+            1 if not self.train_global_batch_size else self.samples_per_step // self.train_global_batch_size
+        )
