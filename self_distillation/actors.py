@@ -528,7 +528,7 @@ class LearnerGroup:
         remote = cfg.ray.enabled
         if not remote and cfg.ray.num_learners != 1:
             raise ValueError("ray.enabled=false runs one learner rank in the driver; set ray.num_learners=1")
-        options = {"num_gpus": gpus_per_rank, "num_cpus": cfg.ray.learner_cpus}
+        options = {"num_gpus": gpus_per_rank, "num_cpus": cfg.ray.learner_cpus, **_thread_env(cfg)}
         n = cfg.ray.num_learners
         self.handles = [
             ActorHandle(f"learner[{r}]", Learner, (cfg, r, n), remote=remote, options=options)
@@ -546,6 +546,14 @@ class LearnerGroup:
     def kill(self) -> None:
         for h in self.handles:
             h.kill()
+
+
+def _thread_env(cfg: SelfDistillationConfig) -> dict[str, Any]:
+    """Ray gives an actor with num_cpus=0 one OpenMP thread; rollout, teacher and training run one after
+    another, so on a CPU machine the teacher and learners may use more (ray.cpu_threads)."""
+    if cfg.ray.cpu_threads <= 0 or not cfg.ray.enabled:
+        return {}
+    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.ray.cpu_threads)}}}
 
 
 def build_workers(cfg: SelfDistillationConfig) -> dict[str, Any]:
@@ -584,7 +592,7 @@ def build_workers(cfg: SelfDistillationConfig) -> dict[str, Any]:
         Teacher,
         (cfg.teacher, cfg.loss, teacher_device, cfg.teacher_offload and cfg.ray.placement == "colocated"),
         remote=remote,
-        options={**on, "num_gpus": teacher_gpus},
+        options={**on, "num_gpus": teacher_gpus, **_thread_env(cfg)},
     )
     learners = LearnerGroup(cfg, learner_gpus)
     return {"rollout": rollout, "verifier": verifier, "teacher": teacher, "learners": learners}

@@ -67,6 +67,9 @@ class RayConfig:
     rollout_gpus: float = 1.0  # split placement: GPUs for the rollout engine
     teacher_gpus: float = 1.0  # split placement: GPUs for the teacher
     learner_cpus: float = 0.0  # CPUs requested per learner actor (0 fits small CPU machines)
+    cpu_threads: int = (
+        0  # CPU runs: torch/OpenMP threads in the teacher and learner actors; 0 = Ray's default (1)
+    )
     address: str | None = None  # null = RAY_ADDRESS from the environment or a new local cluster
     master_port: int | None = None  # torch.distributed rendezvous port; null = a free one on rank 0's node
 

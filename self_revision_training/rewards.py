@@ -22,7 +22,7 @@ from self_revision_training.problems import Problem
 class Verdict:
     correct: bool
     extracted: str | None  # the extracted answer (math) or language (code)
-    reason: str  # why: verified / wrong_answer / no_answer / timeout / compile_error / ...
+    reason: str  # math: correct / wrong / no_answer / timeout / error; code: passed / wrong_answer / ...
 
 
 class Verifier(Protocol):

@@ -1,0 +1,134 @@
+"""A fixed-width comparison table of evaluation summaries (summary.json files of `evaluate`).
+
+    python -m self_distillation.report RUN/eval_base/summary.json RUN/eval_sdzero/summary.json
+
+Accuracies are shown in percent with one decimal; avg@k carries its 95% CI half-width (problems as the
+unit, see evaluation.py); pass@k and maj@k columns are the union of the budgets of all rows ("-" where a
+row lacks one); `len` is the mean response length in tokens and `trunc` the share cut at max_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _avg_cell(avg: dict[str, Any]) -> str:
+    if avg.get("ci_low") is None or avg.get("ci_high") is None:
+        return _pct(avg["mean"])
+    return f"{_pct(avg['mean'])} ± {100 * (avg['ci_high'] - avg['ci_low']) / 2:.1f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Render summaries (dicts from `evaluation.summarize` plus an optional `label`) as a text table.
+
+    Args:
+        rows: one summary per line of the table; `label` names the row (else its position).
+    Returns:
+        The table: a header, a rule, one line per row; columns padded to their widest cell.
+    """
+    ks = sorted({int(k) for row in rows for key in ("pass@k", "maj@k") for k in row.get(key, {})})
+    maj_ks = sorted({int(k) for row in rows for k in row.get("maj@k", {})})
+    ns = {row["samples_per_problem"] for row in rows}
+    avg_name = f"avg@{ns.pop()} (95% CI)" if len(ns) == 1 else "avg@n (95% CI)"
+    header = ["model", "problems", "n", avg_name]
+    header += [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in maj_ks] + ["len", "trunc"]
+    table = [header]
+    for i, row in enumerate(rows):
+        cells = [
+            str(row.get("label") or f"run {i}"),
+            str(row["num_problems"]),
+            str(row["samples_per_problem"]),
+        ]
+        cells.append(_avg_cell(row["avg@k"]))
+        cells += [_pct(row.get("pass@k", {}).get(str(k))) for k in ks]
+        cells += [_pct(row.get("maj@k", {}).get(str(k))) for k in maj_ks]
+        cells += [f"{row['mean_response_tokens']:.0f}", _pct(row["truncation_rate"])]
+        table.append(cells)
+    widths = [max(len(line[c]) for line in table) for c in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first, *(cell.rjust(w) for cell, w in zip(cells[1:], widths[1:], strict=True))])
+
+    lines = [render(header), "  ".join("-" * w for w in widths)]
+    lines += [render(cells) for cells in table[1:]]
+    return "\n".join(lines)
+
+
+def load_summaries(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read summary.json files (a directory means its summary.json)."""
+    out = []
+    for path in map(Path, paths):
+        file = path / "summary.json" if path.is_dir() else path
+        out.append(json.loads(file.read_text(encoding="utf-8")))
+    return out
+
+
+CURVES = (
+    ("train/loss", "loss"),
+    ("train/reward", "training reward (accuracy)"),
+    ("train/kl_r0", "KL on r=0 samples"),
+    ("train/kl_r1", "KL on r=1 samples"),
+)
+
+
+def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Phase 2 curves (loss, training reward, KL by r) from metrics.jsonl to a PNG (needs matplotlib)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line]
+    rows = [r for r in rows if "train/loss" in r]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no training steps to plot")
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        points = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), int | float) and not math.isnan(r[key])
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o")
+        else:
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv: list[str] | None = None) -> str:
+    """`python -m self_distillation.report SUMMARY_OR_DIR ... [--plot METRICS.jsonl OUT.png]`"""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--plot" in args:
+        i = args.index("--plot")
+        print(f"wrote {plot_training_curves(args[i + 1], args[i + 2])}", file=sys.stderr)
+        del args[i : i + 3]
+    if not args:
+        raise SystemExit(
+            "usage: python -m self_distillation.report SUMMARY_OR_DIR [...] [--plot METRICS PNG]"
+        )
+    table = format_table(load_summaries(args))
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
