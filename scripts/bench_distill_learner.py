@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.bench_sft import PRESETS, flops_per_token, throughput_fields  # noqa: E402
 from self_distillation.losses import StudentDistillationModel  # noqa: E402
 from self_distillation.rollout_data import collate_sequences  # noqa: E402
-from self_revision_training import distributed as dist_utils  # noqa: E402
+from self_revision_training.shared import distributed as dist_utils  # noqa: E402
 
 
 def main() -> None:

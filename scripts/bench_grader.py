@@ -15,8 +15,8 @@ import json
 import random
 import time
 
-from self_revision_training.config import GradingConfig
-from self_revision_training.grading import MathGrader
+from self_revision_training.shared.config import GradingConfig
+from self_revision_training.shared.rewards.math_verify import MathGrader
 
 
 def make_pairs(num: int, seed: int) -> list[tuple[str, str, bool]]:

@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from self_revision_training import distributed as dist_utils  # noqa: E402
-from self_revision_training.config import ModelConfig  # noqa: E402
 from self_revision_training.sft import SFTConfig, SFTDataConfig, build_optimizer, collate, train_step  # noqa: E402
 from self_revision_training.sft_data import IGNORE_INDEX, SFTExample  # noqa: E402
 from self_revision_training.sft_loss import CompletionLossModel  # noqa: E402
+from self_revision_training.shared import distributed as dist_utils  # noqa: E402
+from self_revision_training.shared.config import ModelConfig  # noqa: E402
 
 PRESETS = {
     "tiny": dict(

@@ -27,7 +27,7 @@ import torch
 from self_distillation.config import LossConfig, SelfDistillationConfig
 from self_distillation.losses import StudentDistillationModel
 from self_distillation.rollout_data import collate_sequences
-from self_revision_training.config import BackendConfig, GradingConfig, ModelConfig, SamplingConfig
+from self_revision_training.shared.config import BackendConfig, GradingConfig, ModelConfig, SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +44,7 @@ class RolloutWorker:
     """Samples responses; reloads weights written by the learner."""
 
     def __init__(self, model: ModelConfig, backend: BackendConfig):
-        from self_revision_training.generation import create_backend
+        from self_revision_training.shared.generation import create_backend
 
         self.backend = create_backend(model, backend)
 
@@ -58,7 +58,7 @@ class RolloutWorker:
         self, prompts: list[list[int]], sampling: SamplingConfig, max_tokens: list[int], call_key: int
     ) -> tuple[list[list[tuple[list[int], str, str, list[float] | None]]], int]:
         """-> (per prompt, per sample (token ids, text, finish reason, log-probs)), policy version."""
-        from self_revision_training.generation import HFBackend
+        from self_revision_training.shared.generation import HFBackend
 
         if isinstance(self.backend, HFBackend):
             # HFBackend derives each call's seed from (engine seed, call counter); setting the counter from
@@ -80,7 +80,7 @@ class VerifierPool:
     """Binary rewards; empty responses are r=0 without a verifier call."""
 
     def __init__(self, mode: str, cfg: GradingConfig):
-        from self_revision_training.rewards import build_verifier
+        from self_revision_training.shared.rewards import build_verifier
 
         self.verifier = build_verifier(mode, cfg)
 
@@ -224,7 +224,7 @@ class Learner:
     def setup(self, master_addr: str, master_port: int) -> None:
         import torch.distributed as dist
 
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         cfg = self.cfg
         use_cuda = torch.cuda.is_available() and cfg.ray.num_gpus > 0
@@ -307,7 +307,7 @@ class Learner:
 
     def train_step(self, plan: list[list[list[LearnerSample]]]) -> dict[str, float]:
         """plan[optimizer step][micro-batch] = this rank's samples. Returns summed statistics (all ranks)."""
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         totals = torch.zeros(12, dtype=torch.float64)
         rollout_max = torch.zeros(1, dtype=torch.float64)
@@ -398,7 +398,7 @@ class Learner:
         """All ranks: gather the full student; rank 0 writes `directory/model.safetensors` atomically."""
         from safetensors.torch import save_file
 
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         full = dist_utils.get_full_state_dict(self.model)
         if self.rank == 0:
@@ -417,7 +417,7 @@ class Learner:
 
     def save_checkpoint(self, directory: str) -> None:
         """All ranks: DCP shards of model + optimizer, this rank's RNG, rank 0 the scheduler."""
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         Path(directory).mkdir(parents=True, exist_ok=True)
         dist_utils.save_sharded_state(self.model, self.optimizer, Path(directory) / "model_optim")
@@ -427,7 +427,7 @@ class Learner:
         dist_utils.barrier()
 
     def load_checkpoint(self, directory: str) -> None:
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         dist_utils.load_sharded_state(self.model, self.optimizer, Path(directory) / "model_optim")
         self.scheduler.load_state_dict(json.loads((Path(directory) / "scheduler.json").read_text()))
@@ -437,8 +437,8 @@ class Learner:
 
     def export_hf(self, directory: str, prompt_spec: dict[str, Any]) -> None:
         """All ranks: the consolidated Hugging Face directory (+ sdzero_prompt.json)."""
-        from self_revision_training import checkpoints
-        from self_revision_training.storage import atomic_write_json
+        from self_revision_training.shared import checkpoints
+        from self_revision_training.shared.storage import atomic_write_json
 
         def extra(path: Path) -> None:
             atomic_write_json(path / "sdzero_prompt.json", prompt_spec)
@@ -465,7 +465,7 @@ class Learner:
         return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
 
     def close(self) -> None:
-        from self_revision_training import distributed as dist_utils
+        from self_revision_training.shared import distributed as dist_utils
 
         dist_utils._OWN_GROUP = True  # this rank created the group in setup()
         dist_utils.cleanup()

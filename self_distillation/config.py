@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from self_revision_training.config import (
+from self_revision_training.shared.config import (
     BackendConfig,
     ConfigError,
     DatasetConfig,

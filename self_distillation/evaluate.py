@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from self_distillation.evaluation import summarize
-from self_revision_training.config import (
+from self_revision_training.shared.config import (
     BackendConfig,
     ConfigError,
     DatasetConfig,
@@ -37,15 +37,15 @@ from self_revision_training.config import (
     save_run_config,
     to_dict,
 )
-from self_revision_training.problems import Problem, load_problems
-from self_revision_training.prompts import (
+from self_revision_training.shared.problems import Problem, load_problems
+from self_revision_training.shared.prompts import (
     PROMPT_SPEC_FILE,
     build_generation_prompt,
     check_prompt_spec,
     load_prompt_spec,
     save_prompt_spec,
 )
-from self_revision_training.storage import atomic_write_json, atomic_write_text
+from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.evaluate")
 
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from self_revision_training.generation import create_backend
-    from self_revision_training.rewards import build_verifier
+    from self_revision_training.shared.generation import create_backend
+    from self_revision_training.shared.rewards import build_verifier
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_cfg, prompt_source = resolve_prompt(cfg, tokenizer)

@@ -32,10 +32,11 @@ from self_distillation.rollout_data import (
     select_checkpoints_to_delete,
     take_problem_indices,
 )
-from self_revision_training import checkpoints
-from self_revision_training.config import ConfigError, SamplingConfig, parse_cli, save_run_config
-from self_revision_training.problems import load_problems
-from self_revision_training.prompts import (
+from self_revision_training.sft import MetricsLogger
+from self_revision_training.shared import checkpoints
+from self_revision_training.shared.config import ConfigError, SamplingConfig, parse_cli, save_run_config
+from self_revision_training.shared.problems import load_problems
+from self_revision_training.shared.prompts import (
     PROMPT_SPEC_FILE,
     build_generation_prompt,
     build_phrase_block,
@@ -43,7 +44,6 @@ from self_revision_training.prompts import (
     encode_text,
     load_prompt_spec,
 )
-from self_revision_training.sft import MetricsLogger
 
 
 def check_tokenizers(student_dir: str, teacher_dir: str) -> Any:

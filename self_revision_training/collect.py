@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from self_revision_training.config import (
+from self_revision_training.revision_data import (
+    ATTEMPTS_FILE,
+    SUMMARY_FILE,
+    VERIFIED_FILE,
+    CollectionStats,
+    iter_committed_batches,
+    recover_attempts,
+)
+from self_revision_training.shared.config import (
     BackendConfig,
     ConfigError,
     DatasetConfig,
@@ -39,17 +47,13 @@ from self_revision_training.config import (
     save_run_config,
     to_dict,
 )
-from self_revision_training.problems import Problem, load_problems
-from self_revision_training.prompts import build_generation_prompt, build_revision_prompt, save_prompt_spec
-from self_revision_training.revision_data import (
-    ATTEMPTS_FILE,
-    SUMMARY_FILE,
-    VERIFIED_FILE,
-    CollectionStats,
-    iter_committed_batches,
-    recover_attempts,
+from self_revision_training.shared.problems import Problem, load_problems
+from self_revision_training.shared.prompts import (
+    build_generation_prompt,
+    build_revision_prompt,
+    save_prompt_spec,
 )
-from self_revision_training.storage import JsonlWriter, atomic_write_json, atomic_write_text
+from self_revision_training.shared.storage import JsonlWriter, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.collect")
 
@@ -303,8 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    from self_revision_training.generation import create_backend
-    from self_revision_training.rewards import build_verifier
+    from self_revision_training.shared.generation import create_backend
+    from self_revision_training.shared.rewards import build_verifier
 
     save_run_config(cfg, out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)

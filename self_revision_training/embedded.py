@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from self_revision_training.storage import atomic_write_text
+from self_revision_training.shared.storage import atomic_write_text
 
 
 @dataclass(frozen=True)

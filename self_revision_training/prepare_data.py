@@ -21,10 +21,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from self_revision_training.config import PromptConfig, parse_cli, to_dict
-from self_revision_training.prompts import PROMPT_SPEC_FILE, PromptSpecError, load_prompt_spec
 from self_revision_training.revision_data import build_stage_records, load_verified
-from self_revision_training.storage import atomic_write_json, atomic_write_text
+from self_revision_training.shared.config import PromptConfig, parse_cli, to_dict
+from self_revision_training.shared.prompts import PROMPT_SPEC_FILE, PromptSpecError, load_prompt_spec
+from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_revision_training.storage import DataFileError, iter_jsonl, read_json_list
+from self_revision_training.shared.storage import DataFileError, iter_jsonl, read_json_list
 
 ATTEMPTS_FILE = "attempts.jsonl"
 VERIFIED_FILE = "verified.jsonl"

@@ -26,22 +26,6 @@ from typing import Any, Literal
 
 import torch
 
-from self_revision_training import checkpoints
-from self_revision_training import distributed as dist_utils
-from self_revision_training.config import (
-    ConfigError,
-    ModelConfig,
-    PromptConfig,
-    parse_cli,
-    save_run_config,
-    to_dict,
-)
-from self_revision_training.prompts import (
-    PROMPT_SPEC_FILE,
-    check_prompt_spec,
-    load_prompt_spec,
-    save_prompt_spec,
-)
 from self_revision_training.sft_data import (
     IGNORE_INDEX,
     SFTExample,
@@ -51,6 +35,22 @@ from self_revision_training.sft_data import (
     load_records,
 )
 from self_revision_training.sft_loss import CompletionLossModel
+from self_revision_training.shared import checkpoints
+from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.config import (
+    ConfigError,
+    ModelConfig,
+    PromptConfig,
+    parse_cli,
+    save_run_config,
+    to_dict,
+)
+from self_revision_training.shared.prompts import (
+    PROMPT_SPEC_FILE,
+    check_prompt_spec,
+    load_prompt_spec,
+    save_prompt_spec,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from self_revision_training.config import PromptConfig
-from self_revision_training.prompts import (
+from self_revision_training.shared.config import PromptConfig
+from self_revision_training.shared.prompts import (
     ChatTokenizer,
     build_generation_prompt,
     build_phrase_block,
     encode_text,
     select_phrase,
 )
-from self_revision_training.storage import DataFileError, iter_jsonl, read_json_list
+from self_revision_training.shared.storage import DataFileError, iter_jsonl, read_json_list
 
 IGNORE_INDEX = -100  # label of positions that are not trained (prompt, padding)
 STRUCTURED_FIELDS = ("x", "y_init", "p_r", "y_revised", "y_init_correct")

@@ -233,7 +233,7 @@ def test_target_stops_collection_and_shards_are_disjoint(tiny_model_dir, additio
     from scripted_backend import ScriptedBackend
     from transformers import AutoTokenizer
 
-    import self_revision_training.generation as generation
+    import self_revision_training.shared.generation as generation
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     original = generation.create_backend

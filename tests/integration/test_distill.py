@@ -13,8 +13,8 @@ import pytest
 import tiny  # noqa: I001 - tests/fixtures is on sys.path (conftest)
 import torch
 
-from self_revision_training.config import PromptConfig
-from self_revision_training.prompts import save_prompt_spec
+from self_revision_training.shared.config import PromptConfig
+from self_revision_training.shared.prompts import save_prompt_spec
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CFG = str(REPO / "configs" / "tiny" / "distill.yaml")
@@ -162,8 +162,8 @@ def test_distillation_steps_reduce_held_out_kl_to_the_teacher(setup, tiny_tokeni
     from self_distillation.actors import Learner, LearnerSample, Teacher
     from self_distillation.config import SelfDistillationConfig
     from self_distillation.rollout_data import build_rollout_items
-    from self_revision_training.config import load_config
-    from self_revision_training.prompts import build_generation_prompt, build_phrase_block, encode_text
+    from self_revision_training.shared.config import load_config
+    from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, encode_text
 
     cfg = load_config(
         SelfDistillationConfig,

@@ -15,9 +15,9 @@ import pytest
 
 from self_distillation import evaluate
 from self_distillation.evaluation import summarize
-from self_revision_training.config import ConfigError, PromptConfig
-from self_revision_training.prompts import save_prompt_spec
-from self_revision_training.storage import read_jsonl
+from self_revision_training.shared.config import ConfigError, PromptConfig
+from self_revision_training.shared.prompts import save_prompt_spec
+from self_revision_training.shared.storage import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -137,7 +137,7 @@ def test_evaluate_counts_correct_answers_and_reuses_a_finished_run(tiny_model_di
     from scripted_backend import ScriptedBackend
     from transformers import AutoTokenizer
 
-    import self_revision_training.generation as generation
+    import self_revision_training.shared.generation as generation
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     monkeypatch.setattr(generation, "create_backend", lambda model, cfg: ScriptedBackend(tok))
@@ -267,7 +267,7 @@ def test_eval_script_passes_knobs_as_overrides(tmp_path):
     for expected in ("sampling.n=8", "ks=[1,4,8]", "max_problems=5", "label=base", "grading.num_workers=3"):
         assert expected in args
     # and the YAML plus those overrides form a valid config
-    from self_revision_training.config import load_config
+    from self_revision_training.shared.config import load_config
 
     cfg = load_config(evaluate.EvalConfig, ROOT / "configs" / "eval.yaml", args[4:])
     assert cfg.ks == [1, 4, 8] and cfg.sampling.n == 8 and cfg.dataset.split == "test"

@@ -7,9 +7,9 @@ import pytest
 import tiny  # noqa: I001 - tests/fixtures is on sys.path (conftest)
 import torch
 
-from self_revision_training.config import BackendConfig, ModelConfig, PromptConfig, SamplingConfig
-from self_revision_training.generation import HFBackend, Sample
-from self_revision_training.prompts import build_generation_prompt
+from self_revision_training.shared.config import BackendConfig, ModelConfig, PromptConfig, SamplingConfig
+from self_revision_training.shared.generation import HFBackend, Sample
+from self_revision_training.shared.prompts import build_generation_prompt
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_hf_update_weights_switches_the_policy(tiny_model_dir, tiny_tokenizer, p
 
 
 def vllm_backend(model_dir):
-    from self_revision_training.generation import VLLMBackend
+    from self_revision_training.shared.generation import VLLMBackend
 
     return VLLMBackend(
         ModelConfig(path=str(model_dir), dtype="float32"),

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from self_revision_training.config import PromptConfig
-from self_revision_training.prompts import save_prompt_spec, select_phrase
 from self_revision_training.sft_data import IGNORE_INDEX, build_sft_examples
 from self_revision_training.sft_loss import compute_completion_ce_sum
+from self_revision_training.shared.config import PromptConfig
+from self_revision_training.shared.prompts import save_prompt_spec, select_phrase
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = PromptConfig()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from self_revision_training.code_sandbox import (
+from self_revision_training.shared.rewards.code_tests import (
     SandboxLimits,
     TestCase,
     extract_code,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from self_revision_training.config import (
+from self_revision_training.shared.config import (
     ConfigError,
     DatasetConfig,
     GradingConfig,

@@ -7,16 +7,14 @@ import time
 
 import pytest
 
-from self_revision_training.config import GradingConfig
-from self_revision_training.grading import (
-    MathGrader,
+from self_revision_training.shared.answers import (
     extract_answer,
     extract_boxed,
     extract_last_number,
-    grade_math,
-    grade_math_detailed,
     normalize_ground_truth,
 )
+from self_revision_training.shared.config import GradingConfig
+from self_revision_training.shared.rewards.math_verify import MathGrader, grade_math, grade_math_detailed
 
 B = "\\boxed"
 

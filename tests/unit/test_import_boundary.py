@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 CORE = [
-    "self_revision_training.config",
-    "self_revision_training.prompts",
-    "self_revision_training.grading",
-    "self_revision_training.problems",
-    "self_revision_training.storage",
-    "self_revision_training.code_sandbox",
-    "self_revision_training.worker_pool",
+    "self_revision_training.shared.config",
+    "self_revision_training.shared.prompts",
+    "self_revision_training.shared.rewards.math_verify",
+    "self_revision_training.shared.problems",
+    "self_revision_training.shared.storage",
+    "self_revision_training.shared.rewards.code_tests",
+    "self_revision_training.shared.worker_pool",
 ]
 
 PROBE = """

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from self_revision_training.config import DatasetConfig
-from self_revision_training.problems import load_problems
-from self_revision_training.storage import DataFileError
+from self_revision_training.shared.config import DatasetConfig
+from self_revision_training.shared.problems import load_problems
+from self_revision_training.shared.storage import DataFileError
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

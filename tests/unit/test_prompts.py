@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from self_revision_training.config import DEFAULT_CORRECT_PHRASE, DEFAULT_INCORRECT_PHRASE, PromptConfig
-from self_revision_training.prompts import (
+from self_revision_training.shared.config import (
+    DEFAULT_CORRECT_PHRASE,
+    DEFAULT_INCORRECT_PHRASE,
+    PromptConfig,
+)
+from self_revision_training.shared.prompts import (
     PromptSpecError,
     build_generation_prompt,
     build_messages,

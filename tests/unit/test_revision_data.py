@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from self_revision_training import prepare_data
-from self_revision_training.config import DEFAULT_CORRECT_PHRASE as P1
-from self_revision_training.config import DEFAULT_INCORRECT_PHRASE as P0
 from self_revision_training.revision_data import (
     CollectionStats,
     build_stage_records,
@@ -22,7 +20,9 @@ from self_revision_training.revision_data import (
     strip_sycophantic_opening,
     trim_repeating_tail,
 )
-from self_revision_training.storage import DataFileError
+from self_revision_training.shared.config import DEFAULT_CORRECT_PHRASE as P1
+from self_revision_training.shared.config import DEFAULT_INCORRECT_PHRASE as P0
+from self_revision_training.shared.storage import DataFileError
 
 
 def rec(

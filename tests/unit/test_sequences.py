@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from self_distillation.sequences import AlignmentError, TokenSequence, build_teacher_sequence, check_alignment
-from self_revision_training.config import PromptConfig
-from self_revision_training.prompts import build_generation_prompt, build_phrase_block, encode_text
+from self_revision_training.shared.config import PromptConfig
+from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, encode_text
 
 RESPONSES = [
     "2 + 2 = 4.\n\nSo the answer is \\boxed{4}.",

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from self_revision_training.config import PromptConfig
-from self_revision_training.prompts import build_generation_prompt, build_phrase_block, select_phrase
 from self_revision_training.sft_data import (
     IGNORE_INDEX,
     build_epoch_order,
@@ -16,7 +14,9 @@ from self_revision_training.sft_data import (
     compute_end_of_turn_ids,
     load_records,
 )
-from self_revision_training.storage import DataFileError
+from self_revision_training.shared.config import PromptConfig
+from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, select_phrase
+from self_revision_training.shared.storage import DataFileError
 
 CFG = PromptConfig()
 
@@ -267,7 +267,7 @@ for module in sys.argv[2:]:
         # the SFT entry point must run on a GPU box with only torch + transformers (scripts/bench_sft.py)
         (
             "vllm,ray,datasets,math_verify",
-            ["self_revision_training.sft", "self_revision_training.checkpoints"],
+            ["self_revision_training.sft", "self_revision_training.shared.checkpoints"],
         ),
     ],
 )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from self_revision_training.storage import DataFileError, JsonlWriter, atomic_write_json, read_jsonl
+from self_revision_training.shared.storage import DataFileError, JsonlWriter, atomic_write_json, read_jsonl
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

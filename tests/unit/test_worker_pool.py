@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from self_revision_training.worker_pool import WorkerPool
+from self_revision_training.shared.worker_pool import WorkerPool
 
 
 def test_results_in_order_and_hung_items_time_out():

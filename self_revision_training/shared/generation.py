@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from self_revision_training.config import BackendConfig, ModelConfig, SamplingConfig
+from self_revision_training.shared.config import BackendConfig, ModelConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class VLLMBackend:
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "enforce_eager": cpu if cfg.enforce_eager is None else cfg.enforce_eager,
             "enable_prefix_caching": cfg.enable_prefix_caching,
-            "worker_extension_cls": "self_revision_training.generation.VLLMWeightSync",
+            "worker_extension_cls": "self_revision_training.shared.generation.VLLMWeightSync",
         }
         if cfg.max_model_len is not None:
             kwargs["max_model_len"] = cfg.max_model_len

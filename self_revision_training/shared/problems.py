@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_revision_training.code_sandbox import TestCase
-from self_revision_training.config import DatasetConfig
-from self_revision_training.grading import extract_boxed
-from self_revision_training.storage import DataFileError
+from self_revision_training.shared.answers import extract_boxed
+from self_revision_training.shared.config import DatasetConfig
+from self_revision_training.shared.rewards.code_tests import TestCase
+from self_revision_training.shared.storage import DataFileError
 
 PROBLEM_FIELDS = ("problem", "question", "query", "prompt")
 ANSWER_FIELDS = ("answer", "ground_truth", "solution")

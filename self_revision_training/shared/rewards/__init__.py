@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from self_revision_training.code_sandbox import SandboxLimits, grade_code_batch
-from self_revision_training.config import GradingConfig
-from self_revision_training.grading import MathGrader
-from self_revision_training.problems import Problem
+from self_revision_training.shared.config import GradingConfig
+from self_revision_training.shared.problems import Problem
+from self_revision_training.shared.rewards.code_tests import SandboxLimits, grade_code_batch
+from self_revision_training.shared.rewards.math_verify import MathGrader
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from self_revision_training.config import PromptConfig, from_dict, to_dict
-from self_revision_training.storage import atomic_write_json
+from self_revision_training.shared.config import PromptConfig, from_dict, to_dict
+from self_revision_training.shared.storage import atomic_write_json
 
 PROMPT_SPEC_FILE = "sdzero_prompt.json"
 PROMPT_SPEC_VERSION = 1

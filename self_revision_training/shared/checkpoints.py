@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from self_revision_training import distributed as dist_utils
-from self_revision_training.storage import atomic_write_json
+from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.storage import atomic_write_json
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

@@ -7,7 +7,7 @@ thread; a task that misses its deadline gets its worker SIGKILLed and replaced, 
 a timeout outcome. The caller never blocks longer than the deadline per item (plus a respawn), from any
 thread or process.
 
-    pool = WorkerPool("self_revision_training.grading:verify_in_worker", num_workers=2, timeout_s=5)
+    pool = WorkerPool("self_revision_training.shared.rewards.math_verify:verify_in_worker", num_workers=2, timeout_s=5)
     outcomes = pool.map([(response, answer, "boxed", 2), ...])   # -> list[Outcome], input order
 """
 
@@ -62,7 +62,7 @@ def _worker_main(conn: Connection, target: str, memory_limit_mb: int) -> None:
 
 
 class _Worker:
-    """One worker: a fresh `python -m self_revision_training.worker_pool` process on a socketpair.
+    """One worker: a fresh `python -m self_revision_training.shared.worker_pool` process on a socketpair.
 
     A plain subprocess rather than multiprocessing's spawn/forkserver, which re-import the caller's
     `__main__` in every worker (breaking unguarded scripts and notebooks) and copy its state.
@@ -75,7 +75,7 @@ class _Worker:
             [
                 sys.executable,
                 "-m",
-                "self_revision_training.worker_pool",
+                "self_revision_training.shared.worker_pool",
                 target,
                 str(memory_limit_mb),
                 str(child_sock.fileno()),

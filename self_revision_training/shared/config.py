@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from self_revision_training.storage import atomic_write_text
+from self_revision_training.shared.storage import atomic_write_text
 
 T = TypeVar("T")
 
