@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from self_revision_training import collect  # noqa: E402
-from self_revision_training.revision_data import iter_committed_batches  # noqa: E402
 from self_revision_training.shared.config import BackendConfig, ModelConfig, PromptConfig, SamplingConfig  # noqa: E402
 from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, encode_text  # noqa: E402
+from self_revision_training.shared.storage import iter_committed_batches  # noqa: E402
 
 
 def write_problems(path: Path, num: int, seed: int) -> None:

@@ -1,7 +1,8 @@
 """Throughput of the Phase-2 learner step (tokens/s and MFU): forward + backward + AdamW with the
-distillation loss (`losses.StudentDistillationModel`) against given teacher top-k log-probs.
+distillation objective (`objectives.DistillationObjective` through `training.run_optimizer_step`, the
+learner's own code path) against given teacher top-k log-probs.
 
-Not a test. Random-weight Qwen3 from a config (no download), FSDP2 as in `actors.Learner`.
+Not a test. Random-weight Qwen3 from a config (no download), FSDP2 as in `learner.Learner`.
 
     PYTHONPATH=. python scripts/bench_distill_learner.py                          # tiny model, CPU
     PYTHONPATH=. python scripts/bench_distill_learner.py --device cuda --preset qwen3-0.6b --seq-len 4096 \
@@ -25,9 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.bench_sft import PRESETS, flops_per_token, throughput_fields  # noqa: E402
-from self_distillation.losses import StudentDistillationModel  # noqa: E402
-from self_distillation.rollout_data import collate_sequences  # noqa: E402
+from self_distillation.losses import Divergence  # noqa: E402
+from self_distillation.objectives import DistillationObjective  # noqa: E402
+from self_distillation.rollout_data import LearnerSample  # noqa: E402
 from self_revision_training.shared import distributed as dist_utils  # noqa: E402
+from self_revision_training.shared.target_logits import TargetLogitsLM  # noqa: E402
+from self_revision_training.shared.training import MicroBatch, run_optimizer_step  # noqa: E402
 
 
 def main() -> None:
@@ -66,8 +70,8 @@ def main() -> None:
     config = Qwen3Config(**PRESETS[args.preset])
     causal_lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     causal_lm.config.use_cache = False
-    options = {"kl_type": args.kl_type, "mixed_kl_weight": 0.5, "jsd_beta": 0.5, "temperature": 1.0}
-    model = StudentDistillationModel(causal_lm, options, args.chunk_size)
+    objective = DistillationObjective(Divergence(args.kl_type, top_k=args.top_k), config.vocab_size)
+    model = TargetLogitsLM(causal_lm, args.chunk_size)
     mixed = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
     dist_utils.wrap_fsdp(
         model, device, mixed_precision=mixed, activation_checkpointing=args.activation_checkpointing
@@ -77,41 +81,37 @@ def main() -> None:
     gen = torch.Generator().manual_seed(dist_utils.rank())
     n_prompt = seq_len - response_len
 
-    def micro_batch():
-        seqs = [
-            (
-                torch.randint(0, config.vocab_size, (seq_len,), generator=gen).tolist(),
-                [0] * n_prompt + [1] * response_len,
+    def sample() -> LearnerSample:
+        ids = torch.randint(0, config.vocab_size, (seq_len,), generator=gen).tolist()
+        if args.preset == "tiny":
+            lps, top = (
+                torch.randn(response_len, config.vocab_size, generator=gen)
+                .log_softmax(-1)
+                .topk(args.top_k, -1)
             )
-            for _ in range(args.micro_batch)
-        ]
-        batch = {k: v.to(device) for k, v in collate_sequences(seqs, 0).items()}
-        n = args.micro_batch * response_len
-        lps, ids = (
-            torch.randn(n, config.vocab_size, generator=gen).log_softmax(-1).topk(args.top_k, -1)
-            if args.preset == "tiny"
-            else (
-                torch.randn(n, args.top_k, generator=gen).log_softmax(-1),
-                torch.randint(0, config.vocab_size, (n, args.top_k), generator=gen),
-            )
-        )
-        return batch, lps.to(device), ids.to(device)
+        else:
+            lps = torch.randn(response_len, args.top_k, generator=gen).log_softmax(-1)
+            top = torch.randint(0, config.vocab_size, (response_len, args.top_k), generator=gen)
+        teacher = {"ids": top.int(), "logprobs": lps, "target_logprobs": torch.zeros(response_len)}
+        return LearnerSample(ids, [0] * n_prompt + [1] * response_len, True, None, teacher)
 
     times, tokens = [], []
     loss = 0.0
     for step in range(args.warmup_steps + args.steps):
-        batches = [micro_batch() for _ in range(args.grad_accum)]
+        batches = [MicroBatch([sample() for _ in range(args.micro_batch)]) for _ in range(args.grad_accum)]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        count = args.micro_batch * response_len * args.grad_accum * world
-        for batch, lps, ids in batches:
-            divergence, _ = model(**batch, teacher_logprobs=lps, teacher_ids=ids)
-            (divergence.sum() * world / count).backward()
-            loss = float(divergence.detach().mean())
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = run_optimizer_step(
+            model,
+            optimizer,
+            batches,
+            forward=lambda samples: objective.micro_batch_loss(model, samples, 0, device),
+            count=lambda samples: [float(sum(s.num_targets for s in samples))],
+            max_grad_norm=1.0,
+            device=device,
+        )
+        loss = result.loss
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup_steps:

@@ -22,6 +22,9 @@ source scripts/knobs.sh
 : "${NUM_PROMPTS_PER_STEP:=128}" "${NUM_GENERATIONS_PER_PROMPT:=1}" "${TRAIN_GLOBAL_BATCH_SIZE:=0}"
 : "${MICRO_BATCH_SIZE:=1}" "${MAX_NUM_STEPS:=1000}" "${MAX_NUM_EPOCHS:=5}" "${LR:=5e-6}" "${TOPK:=64}"
 : "${KL_TYPE:=mixed}" "${MIXED_KL_WEIGHT:=0.5}" "${TEACHER_SYNC_EVERY:=0}" "${VAL_PERIOD:=20}"
+: "${TEACHER_CONTEXT:=self_revision}"                   # what the teacher reads before y
+: "${REWARD:=ground_truth}"                             # where r comes from
+: "${OBJECTIVE:=distillation}"                          # what the learner minimises
 : "${SAVE_PERIOD:=10}" "${NUM_GPUS:=$(knob_gpu_count)}" "${NUM_NODES:=1}"
 : "${NUM_LEARNERS:=$(( NUM_GPUS > 0 ? NUM_GPUS * NUM_NODES : 1 ))}"
 : "${CONFIG:=configs/phase2_distill.yaml}"
@@ -33,12 +36,16 @@ for k in TRAIN_GLOBAL_BATCH_SIZE TEACHER_SYNC_EVERY VAL_PERIOD SAVE_PERIOD NUM_G
 knob_float LR; knob_float MIXED_KL_WEIGHT
 [[ "$TOPK" == null ]] || knob_pos_int TOPK
 knob_choice KL_TYPE forward reverse mixed jsd
+knob_choice TEACHER_CONTEXT self_revision
+knob_choice REWARD ground_truth
+knob_choice OBJECTIVE distillation
 [[ -f "$CONFIG" ]] || knob_fail CONFIG "does not exist"
 
 echo "distill.sh: settings"
 knob_print OUTPUT_DIR STUDENT_MODEL TEACHER_MODEL TRAIN_DATASET VAL_DATASET MAX_TOTAL_SEQUENCE_LENGTH \
   MAX_TEACHER_TOKENS NUM_PROMPTS_PER_STEP NUM_GENERATIONS_PER_PROMPT TRAIN_GLOBAL_BATCH_SIZE MICRO_BATCH_SIZE \
   MAX_NUM_STEPS MAX_NUM_EPOCHS LR TOPK KL_TYPE MIXED_KL_WEIGHT TEACHER_SYNC_EVERY VAL_PERIOD SAVE_PERIOD \
+  TEACHER_CONTEXT REWARD OBJECTIVE \
   NUM_GPUS NUM_NODES NUM_LEARNERS CONFIG PYTHON
 
 export TOKENIZERS_PARALLELISM=false
@@ -56,6 +63,7 @@ args=(student.path="$STUDENT_MODEL" teacher.path="$TEACHER_MODEL" train_data.pat
   max_num_steps="$MAX_NUM_STEPS" max_num_epochs="$MAX_NUM_EPOCHS" optim.lr="$LR" loss.top_k="$TOPK"
   loss.kl_type="$KL_TYPE" loss.mixed_kl_weight="$MIXED_KL_WEIGHT" teacher_sync_every="$TEACHER_SYNC_EVERY"
   val_period="$VAL_PERIOD" save_period="$SAVE_PERIOD" ray.num_gpus="$(( NUM_GPUS * NUM_NODES ))"
+  teacher_context="$TEACHER_CONTEXT" reward="$REWARD" objective="$OBJECTIVE"
   ray.num_learners="$NUM_LEARNERS" output_dir="$OUTPUT_DIR")
 [[ -n "$VAL_DATASET" ]] && args+=(val_data.path="$VAL_DATASET")
 exec "$PYTHON" -m self_distillation.train --config "$CONFIG" "${args[@]}" "$@"

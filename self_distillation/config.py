@@ -18,6 +18,10 @@ from self_revision_training.shared.config import (
     PromptConfig,
     SamplingConfig,
 )
+from self_revision_training.shared.rewards import RewardName
+
+TeacherContextName = Literal["self_revision"]  # teacher_context.TEACHER_CONTEXTS
+ObjectiveName = Literal["distillation"]  # objectives.OBJECTIVE_NAMES
 
 
 @dataclass
@@ -27,6 +31,8 @@ class LossConfig:
     jsd_beta: float = 0.5  # jsd mixture weight
     top_k: int | None = 64  # teacher support (renormalised top-k, reference); null = full vocabulary
     temperature: float = 1.0  # applied to BOTH student and teacher logits (reference flaw §7.20)
+    clip_per_entry: float | None = None  # clamp each vocabulary entry's term to <= c (OPSD); null = off
+    clip_per_token: float | None = None  # clamp each token's divergence to <= c (verl); null = off
     keep_first_copy_eos: bool = False  # True = reference: teacher sees "...y<eos>\n\nP_r\n\ny"
     chunk_size: int = 1024  # student target positions per lm_head chunk in the loss
 
@@ -37,6 +43,12 @@ class LossConfig:
             raise ValueError(f"loss.top_k must be null or >= 1, got {self.top_k}")
         if self.temperature <= 0 or self.chunk_size < 1:
             raise ValueError("loss.temperature must be > 0 and loss.chunk_size >= 1")
+        for name in ("clip_per_entry", "clip_per_token"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"loss.{name} must be null or > 0, got {value}")
+        if self.clip_per_entry is not None and self.kl_type == "jsd":
+            raise ValueError("loss.clip_per_entry applies to forward/reverse/mixed; use loss.clip_per_token")
 
 
 @dataclass
@@ -63,9 +75,17 @@ class RayConfig:
     enabled: bool = True  # false = every actor is a plain object in the driver process (tests, debugging)
     placement: Literal["colocated", "split"] = "colocated"  # colocated: rollout, teacher, learner share GPUs
     num_learners: int = 1  # learner ranks (FSDP2 data parallel); one GPU each when GPUs are used
-    num_gpus: int = 0  # GPUs in the cluster for this run (0 = CPU only)
-    rollout_gpus: float = 1.0  # split placement: GPUs for the rollout engine
-    teacher_gpus: float = 1.0  # split placement: GPUs for the teacher
+    num_gpus: int = 0  # GPUs of this run, all nodes together (0 = CPU only); one placement bundle each
+    rollout_gpus: float = 1.0  # split placement: GPU share per rollout worker of its own bundle, in (0, 1]
+    teacher_gpus: float = 1.0  # split placement: GPU share the teacher takes of its bundle, in (0, 1]
+    num_rollout_engines: int = 1  # data-parallel rollout engines (vLLM instances); prompts split across them
+    rollout_tp_size: int = 0  # GPUs per rollout engine (vLLM TP size); 0 = backend.tensor_parallel_size
+    teacher_bundle: int | None = None  # GPU bundle of the teacher; null = 0 (colocated) / own bundle (split)
+    bundle_cpus: float | None = None  # CPUs reserved in each GPU bundle; null = ray.learner_cpus
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = (
+        "PACK"  # how Ray spreads the one-GPU bundles over nodes (multi-node: RAY_ADDRESS / ray.address)
+    )
+    placement_timeout_s: float = 300.0  # seconds to wait for the placement group's GPUs before failing
     learner_cpus: float = 0.0  # CPUs requested per learner actor (0 fits small CPU machines)
     cpu_threads: int = (
         0  # CPU runs: torch/OpenMP threads in the teacher and learner actors; 0 = Ray's default (1)
@@ -76,6 +96,39 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.num_learners < 1 or self.num_gpus < 0 or self.learner_cpus < 0:
             raise ValueError("ray.num_learners >= 1, ray.num_gpus >= 0 and ray.learner_cpus >= 0 required")
+        # layout checks that need the resolved TP size live in self_distillation/placement.py:plan_bundles
+        if self.num_rollout_engines < 1 or self.rollout_tp_size < 0:
+            raise ValueError(
+                f"ray.num_rollout_engines must be >= 1 and ray.rollout_tp_size >= 0 (0 = backend.tensor_parallel_size), "
+                f"got {self.num_rollout_engines} and {self.rollout_tp_size}"
+            )
+        for key in ("rollout_gpus", "teacher_gpus"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(
+                    f"ray.{key} is a share of one GPU bundle and must be in (0, 1], got {getattr(self, key)}; "
+                    "more GPUs per rollout engine = ray.rollout_tp_size"
+                )
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"ray.placement_strategy: {self.placement_strategy!r} is not a Ray strategy")
+        if self.placement_timeout_s <= 0:
+            raise ValueError(f"ray.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        if self.bundle_cpus is not None and self.bundle_cpus < 0:
+            raise ValueError(f"ray.bundle_cpus must be null or >= 0, got {self.bundle_cpus}")
+        if self.num_gpus > 0:  # one learner rank per GPU bundle: NCCL refuses two ranks on one GPU
+            if self.num_learners > self.num_gpus:
+                raise ValueError(
+                    f"ray.num_learners ({self.num_learners}) > ray.num_gpus ({self.num_gpus}): "
+                    "each learner rank needs its own GPU"
+                )
+            if self.teacher_bundle is not None and not 0 <= self.teacher_bundle < self.num_gpus:
+                raise ValueError(
+                    f"ray.teacher_bundle must be in [0, ray.num_gpus={self.num_gpus}), got {self.teacher_bundle}"
+                )
+            if self.bundle_cpus is not None and self.bundle_cpus < self.learner_cpus:
+                raise ValueError(
+                    f"ray.bundle_cpus ({self.bundle_cpus}) < ray.learner_cpus ({self.learner_cpus}): "
+                    "a learner takes its CPUs from its GPU bundle"
+                )
 
 
 @dataclass
@@ -84,6 +137,9 @@ class SelfDistillationConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)  # the frozen SRT checkpoint (Phase 1 final/)
     prompt: PromptConfig = field(default_factory=PromptConfig)  # used only when prompt_source=config
     prompt_source: Literal["auto", "config"] = "auto"  # auto: the teacher's sdzero_prompt.json (required)
+    teacher_context: TeacherContextName = "self_revision"  # what the teacher reads before y (teacher_context.py)
+    reward: RewardName = "ground_truth"  # where r comes from (shared/rewards)
+    objective: ObjectiveName = "distillation"  # what the learner minimises (objectives.py)
     train_data: DatasetConfig = field(default_factory=DatasetConfig)
     val_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))  # path "" = none
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=8192))  # rollouts
@@ -158,6 +214,10 @@ class SelfDistillationConfig:
             raise ConfigError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}")
         if self.sampling.n != 1:
             raise ConfigError("set num_generations_per_prompt, not sampling.n")
+        if self.teacher_context == "self_revision" and self.reward == "none":
+            raise ConfigError(
+                "teacher_context=self_revision picks P_r from the reward r: reward=none leaves it undefined"
+            )
 
     @property
     def samples_per_step(self) -> int:

@@ -6,7 +6,7 @@
 Prompts are the training template (`prompts.build_generation_prompt`); with `prompt_source=auto` the
 model directory's sdzero_prompt.json (written by SFT and Phase 2) is used when present, else `prompt.*`.
 Samples come from `generation.create_backend` (vLLM, or `backend.name=hf`), grades from
-`rewards.build_verifier(dataset.mode, grading)` (math-verify in worker processes). Each sample is
+`rewards.build_reward_source(reward, dataset.mode, grading)` (math-verify in worker processes). Each sample is
 budgeted min(max_tokens, max_model_len - prompt length) new tokens; a prompt that leaves no room is
 skipped and counted. Metrics are defined in evaluation.py (reference notes Sec. 6: the original code has
 no benchmark evaluation; its in-training check was avg@8 on AIME-2024 at temperature 1.0, top-p 1.0).
@@ -107,12 +107,16 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_batch(
-    problems: list[Problem], prompts: list[list[int]], limits: list[int], cfg: EvalConfig, backend, verifier
+    problems: list[Problem], prompts: list[list[int]], limits: list[int], cfg: EvalConfig, backend, reward
 ) -> list[dict[str, Any]]:
     """Sample n responses per prompt, grade them, and return one record per sample."""
     samples = backend.generate(prompts, cfg.sampling, max_tokens=limits)
-    flat = [(p, k, s) for p, row in zip(problems, samples, strict=True) for k, s in enumerate(row)]
-    verdicts = verifier.grade([s.text for _, _, s in flat], [p for p, _, _ in flat])
+    graded = reward.score(problems, [[s.text for s in row] for row in samples])
+    flat = [
+        (p, k, s, v)
+        for p, row, verdicts in zip(problems, samples, graded, strict=True)
+        for k, (s, v) in enumerate(zip(row, verdicts, strict=True))
+    ]
     return [
         {
             "problem_index": problem.index,
@@ -125,7 +129,7 @@ def evaluate_batch(
             "correct": verdict.correct,
             "reason": verdict.reason,
         }
-        for (problem, k, sample), verdict in zip(flat, verdicts, strict=True)
+        for problem, k, sample, verdict in flat
     ]
 
 
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from self_revision_training.shared.generation import create_backend
-    from self_revision_training.shared.rewards import build_verifier
+    from self_revision_training.shared.rewards import build_reward_source
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_cfg, prompt_source = resolve_prompt(cfg, tokenizer)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         disable=not cfg.progress,
     )
     try:
-        with build_verifier(cfg.dataset.mode, cfg.grading) as verifier:
+        with build_reward_source("ground_truth", cfg.dataset.mode, cfg.grading) as reward:
             for start in range(0, len(problems), cfg.batch_size):
                 batch, prompts, limits = [], [], []
                 for problem in problems[start : start + cfg.batch_size]:
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     prompts.append(ids)
                     limits.append(room)
                 if batch:
-                    records += evaluate_batch(batch, prompts, limits, cfg, backend, verifier)
+                    records += evaluate_batch(batch, prompts, limits, cfg, backend, reward)
                 progress.update(len(problems[start : start + cfg.batch_size]))
                 if records:
                     accuracy = sum(r["correct"] for r in records) / len(records)

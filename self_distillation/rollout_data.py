@@ -3,23 +3,26 @@
 Pure Python/torch, no Ray or vLLM. One step of `self_distillation.train`:
 
     indices, position = take_problem_indices(position, ...)         # seeded order per epoch
-    items, skipped = build_rollout_items(prompts, samples, rewards, phrase_ids, ...)
+    items, skipped = build_rollout_items(context, problems, prompts, samples, verdicts)
     plan = plan_micro_batches([len(i.student_ids) for i in items], world, micro_batch_size, steps)
     batch = collate_sequences([(i.student_ids, i.student_mask) for i in chunk], pad_id)
 
-Each item holds the aligned student sequence chat(x)+y and teacher sequence chat(x)+y+P_r-block+y
-(`sequences.build_teacher_sequence`); P_r is chosen by the binary reward r. Empty samples and samples
-that leave no teacher budget are skipped and counted, never fatal.
+Each item holds the aligned student sequence chat(x)+y and the teacher sequence the teacher context
+builds (SD-Zero's default: chat(x)+y+P_r-block+y, P_r chosen by the reward r). Empty samples and samples
+the context cannot build (no teacher budget, ...) are skipped and counted by reason, never fatal.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from self_distillation.sequences import build_teacher_sequence
+from self_distillation.teacher_context import GroupSample, TeacherContext
+from self_revision_training.shared.problems import Problem
+from self_revision_training.shared.rewards import Verdict
 
 
 @dataclass
@@ -34,6 +37,22 @@ class RolloutItem:
     finish_reason: str  # stop | length (length = hit the sampling budget)
     budget_truncated: bool  # y was cut to fit max_teacher_tokens
     policy_version: int = 0  # rollout engine weights version that sampled y
+    context_info: dict[str, float] = field(default_factory=dict)  # per-sample facts of the teacher context
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.student_mask)
+
+
+@dataclass
+class LearnerSample:
+    """One sample as the learner sees it: the student sequence, its reward and the objective's inputs."""
+
+    student_ids: list[int]  # chat(x) + y
+    student_mask: list[int]  # 1 on y (targets)
+    reward: bool  # r
+    rollout_logprobs: list[float] | None  # engine log-probs of y's tokens (raw distribution)
+    teacher: dict[str, Any] | None = None  # Teacher.score output for this sample (distillation)
 
     @property
     def num_targets(self) -> int:
@@ -72,50 +91,38 @@ def take_problem_indices(
 
 
 def build_rollout_items(
+    context: TeacherContext,
+    problems: list[Problem],
     prompt_ids: list[list[int]],
-    samples: list[list[tuple[list[int], str, list[float] | None]]],
-    rewards: list[list[bool]],
-    phrase_ids: dict[bool, list[int]],
+    samples: list[list[tuple[list[int], str, str, list[float] | None]]],
+    verdicts: list[list[Verdict]],
     *,
-    problem_indices: list[int],
-    eos_token_ids: frozenset[int],
-    max_teacher_tokens: int | None,
-    keep_first_copy_eos: bool = False,
     policy_version: int = 0,
 ) -> tuple[list[RolloutItem], dict[str, int]]:
-    """Student/teacher pairs for every usable sample.
+    """Student/teacher pairs for every usable sample, from the teacher context.
 
     Args:
-        prompt_ids: per problem, chat(x) token ids.
-        samples: per problem, per sample (token ids of y, finish reason, engine log-probs or None).
-        rewards: per problem, per sample r.
-        phrase_ids: {True: ids of delimiter+P_1+delimiter, False: ids of delimiter+P_0+delimiter}.
+        problems: per prompt, its problem; prompt_ids: per prompt, the student's chat(x) token ids.
+        samples: per prompt, per sample (token ids of y, text, finish reason, engine log-probs or None).
+        verdicts: per prompt, per sample, the reward source's verdict.
     Returns:
-        (items, skipped counts by reason: empty_response, no_teacher_budget)
+        (items, skipped counts by reason; empty_response and no_teacher_budget always present)
     """
     items: list[RolloutItem] = []
     skipped = {"empty_response": 0, "no_teacher_budget": 0}
-    for p, (prompt, row, row_rewards) in enumerate(zip(prompt_ids, samples, rewards, strict=True)):
-        for (token_ids, finish_reason, logprobs), reward in zip(row, row_rewards, strict=True):
-            if not token_ids:
-                skipped["empty_response"] += 1
+    for problem, prompt, row, row_verdicts in zip(problems, prompt_ids, samples, verdicts, strict=True):
+        group = [GroupSample(ids, text, v) for (ids, text, _, _), v in zip(row, row_verdicts, strict=True)]
+        for (token_ids, _, finish_reason, logprobs), verdict in zip(row, row_verdicts, strict=True):
+            result = context.build(problem, prompt, token_ids, verdict, group)
+            if result.pair is None:
+                reason = result.skip_reason or "no_teacher_budget"
+                skipped[reason] = skipped.get(reason, 0) + 1
                 continue
-            pair = build_teacher_sequence(
-                prompt,
-                token_ids,
-                phrase_ids[bool(reward)],
-                eos_token_ids=eos_token_ids,
-                keep_first_copy_eos=keep_first_copy_eos,
-                max_teacher_tokens=max_teacher_tokens,
-            )
-            if pair is None:
-                skipped["no_teacher_budget"] += 1
-                continue
-            kept = len(pair.response_ids)
+            pair, kept = result.pair, len(result.pair.response_ids)
             items.append(
                 RolloutItem(
-                    problem_index=problem_indices[p],
-                    reward=bool(reward),
+                    problem_index=problem.index,
+                    reward=bool(verdict.correct),
                     student_ids=pair.student.input_ids,
                     student_mask=pair.student.target_mask,
                     teacher_ids=pair.teacher.input_ids,
@@ -124,6 +131,7 @@ def build_rollout_items(
                     finish_reason=finish_reason,
                     budget_truncated=pair.truncated,
                     policy_version=policy_version,
+                    context_info=dict(result.info),
                 )
             )
     return items, skipped
@@ -185,61 +193,3 @@ def plan_micro_batches(
         depth = max(1, max(len(c) for c in chunks))
         plan.append([c + [[] for _ in range(depth - len(c))] for c in chunks])
     return plan
-
-
-@dataclass
-class StepStats:
-    """Per-step rollout statistics (the learner's loss/KL metrics are merged in by the driver)."""
-
-    rewards: list[bool] = field(default_factory=list)
-    response_lengths: list[int] = field(default_factory=list)
-    finish_reasons: list[str] = field(default_factory=list)
-
-
-def compute_rollout_metrics(
-    stats: StepStats, items: list[RolloutItem], skipped: dict[str, int]
-) -> dict[str, float]:
-    """Training reward, r=1 fraction, response lengths, truncation and skip counts of one step."""
-    n = max(1, len(stats.rewards))
-    lengths = stats.response_lengths or [0]
-    return {
-        "train/reward": sum(stats.rewards) / n,  # accuracy of the sampled responses
-        "train/fraction_r1": sum(i.reward for i in items) / max(1, len(items)),  # among distilled items
-        "train/response_length_mean": sum(lengths) / len(lengths),
-        "train/response_length_max": float(max(lengths)),
-        "train/truncation_rate": sum(r == "length" for r in stats.finish_reasons) / n,
-        "train/teacher_budget_truncation_rate": sum(i.budget_truncated for i in items) / max(1, len(items)),
-        "train/num_samples": float(len(stats.rewards)),
-        "train/num_items": float(len(items)),
-        **{f"train/skipped_{k}": float(v) for k, v in skipped.items()},
-    }
-
-
-def compute_learner_metrics(totals: dict[str, float]) -> dict[str, float]:
-    """Token means from the learner's summed statistics (keys as produced by `Learner.train_step`)."""
-    out = {}
-    tokens = max(totals.get("num_tokens", 0.0), 1.0)
-    for r in (1, 0):
-        count = totals.get(f"num_tokens_r{r}", 0.0)
-        out[f"train/kl_r{r}"] = totals.get(f"kl_sum_r{r}", 0.0) / count if count else float("nan")
-    out["train/kl"] = totals.get("kl_sum", 0.0) / tokens
-    out["train/teacher_minus_student_logprob"] = totals.get("logprob_gap_sum", 0.0) / tokens
-    rollout_tokens = totals.get("rollout_tokens", 0.0)
-    out["train/rollout_minus_learner_logprob_abs_mean"] = (
-        totals.get("rollout_logprob_abs_diff_sum", 0.0) / rollout_tokens if rollout_tokens else float("nan")
-    )
-    out["train/rollout_minus_learner_logprob_abs_max"] = totals.get(
-        "rollout_logprob_abs_diff_max", float("nan")
-    )
-    return out
-
-
-def select_checkpoints_to_delete(
-    steps: list[int], val_accuracy: dict[int, float], keep_last: int
-) -> list[int]:
-    """Checkpoint steps to delete: all but the newest `keep_last` and the best by validation accuracy."""
-    keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set(steps)
-    scored = [s for s in steps if s in val_accuracy]
-    if scored:
-        keep.add(max(scored, key=lambda s: (val_accuracy[s], s)))
-    return [s for s in steps if s not in keep]

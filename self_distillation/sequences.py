@@ -17,11 +17,18 @@ the first copy; the second copy keeps it, so the student still learns when to st
 Length budget: when |prompt| + |first copy| + |phrase block| + |y| exceeds `max_teacher_tokens`, y is
 cut to the same length L in both copies and for the student (L = the largest that fits); a sample with
 no room (L < 1) is dropped (None) and the caller counts it.
+
+The teacher may read its own prompt (`teacher_prompt_ids`, e.g. another chat-template setting, or a
+problem with a reference solution); the student's sequence always starts with the student's prompt.
+Other teacher contexts (`teacher_context.py`) build their sequences with `build_pair`, which checks the
+alignment the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from self_revision_training.shared.prompts import strip_eos
 
 
 class AlignmentError(ValueError):
@@ -51,8 +58,21 @@ class DistillationPair:
     truncated: bool  # y was cut to fit max_teacher_tokens
 
 
-def _strip_eos(ids: list[int], eos_token_ids: frozenset[int]) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in eos_token_ids else ids
+def build_pair(
+    student_prompt_ids: list[int], teacher_context_ids: list[int], response_ids: list[int], truncated: bool
+) -> DistillationPair:
+    """student = prompt + y, teacher = context + y, masks on y, alignment checked."""
+    if not student_prompt_ids or not teacher_context_ids:
+        raise ValueError("prompt ids are empty: the first target needs a preceding position")
+    response = list(response_ids)
+    teacher = TokenSequence(
+        list(teacher_context_ids) + response, [0] * len(teacher_context_ids) + [1] * len(response)
+    )
+    student = TokenSequence(
+        list(student_prompt_ids) + response, [0] * len(student_prompt_ids) + [1] * len(response)
+    )
+    check_alignment(student, teacher)
+    return DistillationPair(student=student, teacher=teacher, response_ids=response, truncated=truncated)
 
 
 def build_teacher_sequence(
@@ -63,11 +83,13 @@ def build_teacher_sequence(
     eos_token_ids: frozenset[int] | set[int] = frozenset(),
     keep_first_copy_eos: bool = False,
     max_teacher_tokens: int | None = None,
+    teacher_prompt_ids: list[int] | None = None,
 ) -> DistillationPair | None:
-    """Build the aligned student and teacher sequences for one sample.
+    """Build the aligned student and teacher sequences for one sample (SD-Zero's self-revision context).
 
     Args:
         prompt_ids: the student's prompt, including the assistant-start marker.
+        teacher_prompt_ids: the teacher's prompt; None = the student's.
         response_ids: the sampled y, with its end-of-turn token when it stopped naturally.
         phrase_ids: token ids of delimiter + P_r + delimiter (see prompts.build_phrase_block).
         eos_token_ids: end-of-turn ids stripped from the first copy unless keep_first_copy_eos.
@@ -79,24 +101,21 @@ def build_teacher_sequence(
         raise ValueError("prompt_ids is empty: the first target needs a preceding position")
     if not response_ids:
         return None  # an empty sample has nothing to distil
+    teacher_prompt = list(prompt_ids if teacher_prompt_ids is None else teacher_prompt_ids)
     eos = frozenset(eos_token_ids)
     response = list(response_ids)
     truncated = False
     if max_teacher_tokens is not None:
         first_extra = 0 if keep_first_copy_eos or response[-1] not in eos else -1
-        needed = len(prompt_ids) + 2 * len(response) + first_extra + len(phrase_ids)
+        needed = len(teacher_prompt) + 2 * len(response) + first_extra + len(phrase_ids)
         if needed > max_teacher_tokens:
-            allowance = (max_teacher_tokens - len(prompt_ids) - len(phrase_ids)) // 2
+            allowance = (max_teacher_tokens - len(teacher_prompt) - len(phrase_ids)) // 2
             if allowance < 1:
                 return None
             response = response[:allowance]  # a cut y has no end-of-turn left to strip
             truncated = True
-    first_copy = response if keep_first_copy_eos else _strip_eos(response, eos)
-    teacher_context = list(prompt_ids) + first_copy + list(phrase_ids)
-    teacher = TokenSequence(teacher_context + response, [0] * len(teacher_context) + [1] * len(response))
-    student = TokenSequence(list(prompt_ids) + response, [0] * len(prompt_ids) + [1] * len(response))
-    check_alignment(student, teacher)
-    return DistillationPair(student=student, teacher=teacher, response_ids=response, truncated=truncated)
+    first_copy = response if keep_first_copy_eos else strip_eos(response, eos)
+    return build_pair(prompt_ids, teacher_prompt + first_copy + list(phrase_ids), response, truncated)
 
 
 def check_alignment(student: TokenSequence, teacher: TokenSequence) -> None:

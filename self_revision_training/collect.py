@@ -29,11 +29,12 @@ from typing import Literal
 
 from self_revision_training.revision_data import (
     ATTEMPTS_FILE,
+    RECORD_TYPES,
     SUMMARY_FILE,
     VERIFIED_FILE,
     CollectionStats,
-    iter_committed_batches,
-    recover_attempts,
+    build_init_record,
+    build_revision_record,
 )
 from self_revision_training.shared.config import (
     BackendConfig,
@@ -47,13 +48,16 @@ from self_revision_training.shared.config import (
     save_run_config,
     to_dict,
 )
-from self_revision_training.shared.problems import Problem, load_problems
+from self_revision_training.shared.problems import load_problems
 from self_revision_training.shared.prompts import (
     build_generation_prompt,
     build_revision_prompt,
     save_prompt_spec,
+    select_phrase,
+    strip_eos,
 )
-from self_revision_training.shared.storage import JsonlWriter, atomic_write_json, atomic_write_text
+from self_revision_training.shared.rewards import RewardName
+from self_revision_training.shared.storage import BatchLog, JsonlWriter, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.collect")
 
@@ -65,6 +69,7 @@ class CollectConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.9, max_tokens=16384))
     grading: GradingConfig = field(default_factory=GradingConfig)
+    reward: RewardName = "ground_truth"  # reward source of y_init and y_revised (shared.rewards)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     num_responses: int = 3  # y_init samples per problem
     num_revisions: int = 3  # y_revised samples per revised y_init
@@ -108,6 +113,7 @@ _RESUME_KEYS = (
     "num_revisions",
     "revise_correct",
     "truncated_init",
+    "reward",
 )
 
 
@@ -143,58 +149,7 @@ def check_resume(cfg: CollectConfig, out: Path) -> None:
         )
 
 
-def _strip_eos(ids: list[int], eos: frozenset[int]) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in eos else ids
-
-
-def _init_record(problem: Problem, k: int, sample, verdict, batch: int, version: int) -> dict:
-    return {
-        "type": "init",
-        "original_index": problem.index,
-        "response_idx": k,
-        "x": problem.problem,
-        "ground_truth": problem.answer,
-        "y_init": sample.text,
-        "y_init_correct": verdict.correct,
-        "y_init_extracted": verdict.extracted,
-        "y_init_reason": verdict.reason,
-        "y_init_num_tokens": len(sample.token_ids),
-        "y_init_finish_reason": sample.finish_reason,
-        "revised": False,
-        "skip_reason": None,
-        "batch": batch,
-        "policy_version": version,
-    }
-
-
-def _revision_record(init: dict, p_r: str, j: int, sample, verdict) -> dict:
-    keep = (
-        "original_index",
-        "response_idx",
-        "x",
-        "ground_truth",
-        "y_init",
-        "y_init_correct",
-        "y_init_extracted",
-    )
-    return {
-        "type": "revision",
-        **{k: init[k] for k in keep},
-        "revision_idx": j,
-        "p_r": p_r,
-        "y_revised": sample.text,
-        "y_revised_correct": verdict.correct,
-        "y_revised_extracted": verdict.extracted,
-        "y_revised_reason": verdict.reason,
-        "y_revised_num_tokens": len(sample.token_ids),
-        "y_revised_finish_reason": sample.finish_reason,
-        "verified": verdict.correct and sample.finish_reason == "stop",
-        "batch": init["batch"],
-        "policy_version": init["policy_version"],
-    }
-
-
-def collect_batch(cfg, batch_no, problems, backend, tokenizer, verifier) -> tuple[list[dict], int]:
+def collect_batch(cfg, batch_no, problems, backend, tokenizer, reward) -> tuple[list[dict], int]:
     """Sample, grade, revise and grade one batch; returns its records and the generated token count."""
     max_len = backend.max_model_len
     sampling = dataclasses.replace(cfg.sampling, n=cfg.num_responses)
@@ -204,18 +159,18 @@ def collect_batch(cfg, batch_no, problems, backend, tokenizer, verifier) -> tupl
     if too_long:
         raise ValueError(f"problems {too_long[:5]} have prompts longer than backend.max_model_len={max_len}")
     init_samples = backend.generate(prompts, sampling, max_tokens=limits)
-    flat = [(p, k, s) for p, row in zip(problems, init_samples, strict=True) for k, s in enumerate(row)]
-    verdicts = verifier.grade([s.text for _, _, s in flat], [p for p, _, _ in flat])
+    verdicts = reward.score(problems, [[s.text for s in row] for row in init_samples])
     inits, todo = [], []
-    for (problem, k, sample), verdict in zip(flat, verdicts, strict=True):
-        rec = _init_record(problem, k, sample, verdict, batch_no, backend.policy_version)
-        inits.append(rec)
-        if verdict.correct and not cfg.revise_correct:
-            rec["skip_reason"] = "correct"
-        elif sample.truncated and cfg.truncated_init == "drop":
-            rec["skip_reason"] = "truncated"
-        else:
-            todo.append((rec, problem, sample, verdict))
+    for problem, row, row_verdicts in zip(problems, init_samples, verdicts, strict=True):
+        for k, (sample, verdict) in enumerate(zip(row, row_verdicts, strict=True)):
+            rec = build_init_record(problem, k, sample, verdict, batch_no, backend.policy_version)
+            inits.append(rec)
+            if verdict.correct and not cfg.revise_correct:
+                rec["skip_reason"] = "correct"
+            elif sample.truncated and cfg.truncated_init == "drop":
+                rec["skip_reason"] = "truncated"
+            else:
+                todo.append((rec, problem, sample, verdict))
     rev_prompts, rev_limits, rev_inits = [], [], []
     rev_budget = cfg.revision_max_tokens or cfg.sampling.max_tokens
     for rec, problem, sample, verdict in todo:
@@ -225,7 +180,7 @@ def collect_batch(cfg, batch_no, problems, backend, tokenizer, verifier) -> tupl
             sample.text,
             verdict.correct,
             cfg.prompt,
-            response_ids=_strip_eos(sample.token_ids, backend.eos_token_ids),
+            response_ids=strip_eos(sample.token_ids, backend.eos_token_ids),
         ).ids
         room = min(rev_budget, max_len - len(ids))
         if room < 1:
@@ -236,19 +191,20 @@ def collect_batch(cfg, batch_no, problems, backend, tokenizer, verifier) -> tupl
         rev_limits.append(room)
         rev_inits.append((rec, problem, verdict))
     records = list(inits)
-    generated = sum(len(s.token_ids) for _, _, s in flat)
+    generated = sum(len(s.token_ids) for row in init_samples for s in row)
     if rev_prompts:
         rev_sampling = dataclasses.replace(cfg.sampling, n=cfg.num_revisions)
         rev_samples = backend.generate(rev_prompts, rev_sampling, max_tokens=rev_limits)
-        rev_flat = [(i, j, s) for i, row in enumerate(rev_samples) for j, s in enumerate(row)]
-        rev_verdicts = verifier.grade(
-            [s.text for _, _, s in rev_flat], [rev_inits[i][1] for i, _, _ in rev_flat]
+        rev_verdicts = reward.score(
+            [problem for _, problem, _ in rev_inits], [[s.text for s in row] for row in rev_samples]
         )
-        for (i, j, sample), verdict in zip(rev_flat, rev_verdicts, strict=True):
-            rec, _, init_verdict = rev_inits[i]
-            p_r = cfg.prompt.correct_phrase if init_verdict.correct else cfg.prompt.incorrect_phrase
-            records.append(_revision_record(rec, p_r, j, sample, verdict))
-            generated += len(sample.token_ids)
+        for (rec, _, init_verdict), row, row_verdicts in zip(
+            rev_inits, rev_samples, rev_verdicts, strict=True
+        ):
+            p_r = select_phrase(init_verdict.correct, cfg.prompt)
+            for j, (sample, verdict) in enumerate(zip(row, row_verdicts, strict=True)):
+                records.append(build_revision_record(rec, p_r, j, sample, verdict))
+                generated += len(sample.token_ids)
     return records, generated
 
 
@@ -284,12 +240,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     # Resume: drop a batch cut by a kill, replay the committed ones into the stats and verified.jsonl.
-    attempts_path = out / ATTEMPTS_FILE
-    dropped = recover_attempts(attempts_path)
-    if dropped:
-        log.info("discarded %d lines of an uncommitted batch in %s", dropped, attempts_path)
+    attempts = BatchLog(out / ATTEMPTS_FILE)
+    try:
+        return _collect(cfg, out, attempts, mine, target, report)
+    finally:
+        attempts.close()
+
+
+def _collect(cfg: CollectConfig, out: Path, attempts: BatchLog, mine: list, target: int, report) -> dict:
+    if attempts.dropped_on_open:
+        log.info("discarded %d lines of an uncommitted batch in %s", attempts.dropped_on_open, attempts.path)
     stats, done, verified_lines = CollectionStats(), set(), []
-    for marker, records in iter_committed_batches(attempts_path):
+    for marker, records in attempts.batches(RECORD_TYPES):
         stats.add_batch(marker, records)
         done.update(marker["indices"])
         verified_lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in records if r.get("verified")]
@@ -308,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from self_revision_training.shared.generation import create_backend
-    from self_revision_training.shared.rewards import build_verifier
+    from self_revision_training.shared.rewards import build_reward_source
 
     save_run_config(cfg, out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -327,22 +289,20 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     try:
         with (
-            build_verifier(cfg.dataset.mode, cfg.grading) as verifier,
-            JsonlWriter(attempts_path) as attempts,
+            build_reward_source(cfg.reward, cfg.dataset.mode, cfg.grading) as reward,
             JsonlWriter(out / VERIFIED_FILE) as verified,
         ):
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start : start + cfg.batch_size]
                 t0 = time.time()
-                records, generated = collect_batch(cfg, stats.batches, batch, backend, tokenizer, verifier)
-                marker = {
-                    "type": "batch_done",
-                    "batch": stats.batches,
-                    "indices": [p.index for p in batch],
-                    "seconds": round(time.time() - t0, 3),
-                    "generated_tokens": generated,
-                }
-                attempts.write_batch([*records, marker])  # committed once the marker is on disk
+                records, generated = collect_batch(cfg, stats.batches, batch, backend, tokenizer, reward)
+                marker = attempts.commit(  # committed once the marker is on disk
+                    records,
+                    batch=stats.batches,
+                    indices=[p.index for p in batch],
+                    seconds=round(time.time() - t0, 3),
+                    generated_tokens=generated,
+                )
                 verified.write_batch([r for r in records if r.get("verified")])
                 stats.add_batch(marker, records)
                 state["session_seconds"] = round(time.time() - started, 1)

@@ -21,10 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from self_revision_training.revision_data import build_stage_records, load_verified
+from self_revision_training.revision_data import load_verified
 from self_revision_training.shared.config import PromptConfig, parse_cli, to_dict
 from self_revision_training.shared.prompts import PROMPT_SPEC_FILE, PromptSpecError, load_prompt_spec
 from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
+from self_revision_training.stage_split import build_stage_records
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """Self-revision records (paper Sec. 3.1, Phase 1): the collection log, its statistics, and prepare_data.
 
-The collector appends every attempt to `attempts.jsonl`, one batch at a time, and ends each batch with a
-`batch_done` marker line; the batch is committed once its marker is on disk. Lines after the last marker
-(a batch cut by a kill) are removed on restart by `recover_attempts`, so a rerun resumes with whole
-batches only and never duplicates a record. Record types:
+The collector appends every attempt to `attempts.jsonl` through the shared committed batch log
+(`storage.BatchLog`: one fsync'ed write per batch, ending with a `batch_done` marker; an uncommitted tail
+is cut on restart), so a rerun resumes with whole batches only and never duplicates a record. Record types:
 
     init      one per y_init sample: the response, its grade r, and whether it was revised (and why not)
     revision  one per y_revised sample, with the reference's fields (x, y_init, p_r, y_revised,
@@ -15,23 +14,18 @@ batches only and never duplicates a record. Record types:
 `verified.jsonl` holds exactly the verified revision records and is rebuilt from the attempts file on
 restart; `summary.json` is computed from the attempts file alone (`CollectionStats`).
 
-prepare_data (`build_stage_records`): clean, de-duplicate, split into the two SFT stages (reference §3):
-    Stage 1: prompt x,                                   completion y_init + d + P_r + d + y_revised
-    Stage 2: prompt x + d + y_init + d + P_r,            completion y_revised          (d = "\\n\\n")
+Cleaning, de-duplication and the split into the two SFT stages live in `stage_split`.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from self_revision_training.shared.storage import DataFileError, iter_jsonl, read_json_list
+from self_revision_training.shared.storage import BATCH_DONE, DataFileError, iter_jsonl, read_json_list
 
 ATTEMPTS_FILE = "attempts.jsonl"
 VERIFIED_FILE = "verified.jsonl"
@@ -41,51 +35,58 @@ REVISION_FIELDS = ("x", "y_init", "p_r", "y_revised", "y_init_correct", "y_revis
 
 
 # ----------------------------------------------------------------------------------------------
-# the collection log
+# the collection log (a storage.BatchLog of init / revision records)
+
+RECORD_TYPES = ("init", "revision")
 
 
-def recover_attempts(path: str | Path) -> int:
-    """Cut everything after the last `batch_done` marker (a batch killed mid-write); return lines dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    committed = 0
-    dropped = 0
-    offset = 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            offset += len(line)
-            dropped += 1
-            if not line.endswith(b"\n"):
-                continue  # torn last line
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # only a torn or half-flushed tail can be unparseable; it is uncommitted
-            if isinstance(record, dict) and record.get("type") == "batch_done":
-                committed, dropped = offset, 0
-    if offset > committed:
-        with open(path, "rb+") as handle:
-            handle.truncate(committed)
-    return dropped
+def build_init_record(problem: Any, k: int, sample: Any, verdict: Any, batch: int, version: int) -> dict:
+    """The `init` record of y_init number k of `problem` (not yet revised; the collector fills that in)."""
+    return {
+        "type": "init",
+        "original_index": problem.index,
+        "response_idx": k,
+        "x": problem.problem,
+        "ground_truth": problem.answer,
+        "y_init": sample.text,
+        "y_init_correct": verdict.correct,
+        "y_init_extracted": verdict.extracted,
+        "y_init_reason": verdict.reason,
+        "y_init_num_tokens": len(sample.token_ids),
+        "y_init_finish_reason": sample.finish_reason,
+        "revised": False,
+        "skip_reason": None,
+        "batch": batch,
+        "policy_version": version,
+    }
 
 
-def iter_committed_batches(path: str | Path) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """(marker, records) per committed batch of an attempts file that `recover_attempts` has cleaned."""
-    pending: list[dict[str, Any]] = []
-    if not Path(path).exists():
-        return
-    for lineno, record in iter_jsonl(path, allow_torn_tail=False):
-        kind = record.get("type")
-        if kind == "batch_done":
-            yield record, pending
-            pending = []
-        elif kind in ("init", "revision"):
-            pending.append(record)
-        else:
-            raise DataFileError(f"{path}:{lineno}: unknown record type {kind!r}")
-    if pending:
-        raise DataFileError(f"{path}: {len(pending)} records after the last batch_done marker (run recovery)")
+def build_revision_record(init: dict, p_r: str, j: int, sample: Any, verdict: Any) -> dict:
+    """The `revision` record of y_revised number j of an init record; `verified` is decided here."""
+    keep = (
+        "original_index",
+        "response_idx",
+        "x",
+        "ground_truth",
+        "y_init",
+        "y_init_correct",
+        "y_init_extracted",
+    )
+    return {
+        "type": "revision",
+        **{k: init[k] for k in keep},
+        "revision_idx": j,
+        "p_r": p_r,
+        "y_revised": sample.text,
+        "y_revised_correct": verdict.correct,
+        "y_revised_extracted": verdict.extracted,
+        "y_revised_reason": verdict.reason,
+        "y_revised_num_tokens": len(sample.token_ids),
+        "y_revised_finish_reason": sample.finish_reason,
+        "verified": verdict.correct and sample.finish_reason == "stop",
+        "batch": init["batch"],
+        "policy_version": init["policy_version"],
+    }
 
 
 def is_verified(record: dict[str, Any]) -> bool:
@@ -246,165 +247,9 @@ def _iter_revision_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         kind = rec.get("type", "revision")  # the reference's *_all_responses.jsonl has no type
         if kind == "revision":
             pending.append((f"{path}:{lineno}", rec))
-        elif kind == "batch_done":
+        elif kind == BATCH_DONE:
             yield from pending
             pending = []
     if path.name != ATTEMPTS_FILE:
         yield from pending
     # an attempts file's records after its last batch_done belong to a batch cut by a kill: not committed
-
-
-# ----------------------------------------------------------------------------------------------
-# cleaning
-
-
-_SYCOPHANTIC_OPENINGS = [
-    re.compile(p, re.IGNORECASE)
-    for p in (
-        r"(?:you['\u2019]re|you are)\s+(?:absolutely\s+)?right\s+to\b[^.!?]*[.!?]\s*",
-        r"(?:(?:yes|indeed),\s*)?(?:you['\u2019]re|you are)\s+(?:absolutely\s+)?right\s*[\u2014,:.!-]\s*",
-        r"thank\s+you\s+for\b[^.!?]*[.!?]\s*",
-        r"great\s+question\b[^.!?]*[.!?]\s*",
-        r"(?:good|nice)\s+(?:catch|point|observation)\b[^.!?]*[.!?]\s*",
-    )
-]
-
-
-def strip_sycophantic_opening(text: str) -> str:
-    """Remove flattering openers ("You're right ...", "Great question!") from a revision, repeatedly."""
-    stripped = text.lstrip()
-    changed = False
-    while True:
-        for pattern in _SYCOPHANTIC_OPENINGS:
-            match = pattern.match(stripped)
-            if match and match.end() > 0:
-                stripped = stripped[match.end() :]
-                changed = True
-                break
-        else:
-            break
-    if not changed:
-        return text
-    return stripped[:1].upper() + stripped[1:]
-
-
-def trim_repeating_tail(
-    text: str, min_period: int = 10, max_period: int = 1500, min_repeats: int = 3, max_passes: int = 5
-) -> str:
-    """Keep one copy of a degenerate loop at the end of `text` (a period repeated >= min_repeats times).
-
-    For each period L (smallest first) the periodic region is extended backwards from the end; if it
-    spans at least `min_repeats` periods, everything after its first copy is dropped (and trailing
-    whitespace). The kept copy may start a few characters early when the loop's last characters also
-    precede it, as in the reference.
-    """
-    for _ in range(max_passes):
-        n = len(text)
-        for period in range(min_period, min(max_period, n // min_repeats) + 1):
-            j = n - 1
-            while j - period >= 0 and text[j] == text[j - period]:
-                j -= 1
-            span = (n - 1 - j) + period  # characters in the periodic tail region
-            if span >= min_repeats * period:
-                text = text[: j + 1].rstrip()
-                break
-        else:
-            return text
-    return text
-
-
-def clean_record(record: dict[str, Any]) -> dict[str, Any]:
-    out = dict(record)
-    out["y_init"] = trim_repeating_tail(record["y_init"])
-    out["y_revised"] = strip_sycophantic_opening(trim_repeating_tail(record["y_revised"]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# stage split
-
-
-@dataclass
-class StageSplit:
-    stage1: list[dict[str, Any]]
-    stage2: list[dict[str, Any]]
-    stats: dict[str, Any]
-
-
-def build_stage_records(
-    records: list[dict[str, Any]], *, stage2_size: int, seed: int, delimiter: str = "\n\n", clean: bool = True
-) -> StageSplit:
-    """Clean, de-duplicate and split verified tuples into Stage-1 and Stage-2 SFT records (reference §3).
-
-    Stage 2 takes up to `stage2_size` tuples, correct-init ones first, then incorrect-init ones;
-    Stage 1 is every remaining incorrect-init tuple (correct-init tuples beyond the quota are unused,
-    as in the reference). Raises ValueError when either stage would be empty.
-    """
-    if stage2_size < 1:
-        raise ValueError(f"stage2_size must be >= 1, got {stage2_size}")
-    stats: dict[str, Any] = {"input": len(records)}
-    if clean:
-        cleaned = [clean_record(r) for r in records]
-        stats["cleaned_changed"] = sum(c != r for c, r in zip(cleaned, records, strict=True))
-        records = cleaned
-    unique, seen = [], set()
-    for rec in records:
-        key = (rec["x"], rec["y_init"], rec["y_revised"])
-        if key not in seen and rec["y_revised"].strip():
-            seen.add(key)
-            unique.append(rec)
-    stats["duplicates_or_empty_removed"] = len(records) - len(unique)
-    incorrect = [r for r in unique if not r["y_init_correct"]]
-    correct = [r for r in unique if r["y_init_correct"]]
-    rng = random.Random(seed)
-    rng.shuffle(incorrect)
-    rng.shuffle(correct)
-    stage2 = correct[:stage2_size]
-    fill = stage2_size - len(stage2)
-    stage2 += incorrect[:fill]
-    stage1 = incorrect[fill:]
-    rng.shuffle(stage2)
-    stats |= {
-        "correct_init": len(correct),
-        "incorrect_init": len(incorrect),
-        "stage1": len(stage1),
-        "stage2": len(stage2),
-        "stage2_correct_init": sum(bool(r["y_init_correct"]) for r in stage2),
-        "unused_correct_init": max(0, len(correct) - stage2_size),
-    }
-    if not stage2:
-        raise ValueError(f"Stage 2 would be empty: no verified tuples after cleaning ({stats})")
-    if not stage1:
-        raise ValueError(
-            f"Stage 1 would be empty: all {len(incorrect)} incorrect-init tuples went to Stage 2 "
-            f"(stage2_size={stage2_size}); collect more data or lower the Stage-2 size ({stats})"
-        )
-    return StageSplit(
-        stage1=[format_stage1(r, delimiter) for r in stage1],
-        stage2=[format_stage2(r, delimiter) for r in stage2],
-        stats=stats,
-    )
-
-
-_KEPT_FIELDS = (
-    "x",
-    "y_init",
-    "p_r",
-    "y_revised",
-    "y_init_correct",
-    "original_index",
-    "response_idx",
-    "revision_idx",
-)
-
-
-def format_stage1(rec: dict[str, Any], delimiter: str = "\n\n") -> dict[str, Any]:
-    """prompt x; completion y_init + d + P_r + d + y_revised (generate-then-revise)."""
-    completion = rec["y_init"] + delimiter + rec["p_r"] + delimiter + rec["y_revised"]
-    return {"prompt": rec["x"], "completion": completion, **{k: rec.get(k) for k in _KEPT_FIELDS}}
-
-
-def format_stage2(rec: dict[str, Any], delimiter: str = "\n\n") -> dict[str, Any]:
-    """prompt x + d + y_init + d + P_r; completion y_revised (revise a given response)."""
-    prompt = rec["x"] + delimiter + rec["y_init"] + delimiter + rec["p_r"]
-    return {"prompt": prompt, "completion": rec["y_revised"], **{k: rec.get(k) for k in _KEPT_FIELDS}}

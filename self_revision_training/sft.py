@@ -51,8 +51,14 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
     save_prompt_spec,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from self_revision_training.shared.run_log import MetricsLogger
+from self_revision_training.shared.training import (
+    MicroBatch,
+    build_lr_lambda,
+    load_causal_lm,
+    resolve_dtype,
+    run_optimizer_step,
+)
 
 
 @dataclass
@@ -139,27 +145,42 @@ def resolve_prompt_config(cfg: SFTConfig, tokenizer: Any) -> tuple[PromptConfig,
     return cfg.prompt, "config"
 
 
-def build_lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
-    """HF-style schedule multiplier for optimizer step k (0-based): linear warm-up from 0, then decay."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return multiplier
-
-
 def build_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def count_units(batch: dict[str, torch.Tensor]) -> list[float]:
+    """[trained tokens (the loss normaliser), tokens] of one micro-batch."""
+    trained = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    tokens = float(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
+    return [trained, tokens]
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[dict[str, torch.Tensor], float]],
+    max_grad_norm: float,
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches [(batch, weight)]; weight 0 = dummy filler."""
+    result = run_optimizer_step(
+        model,
+        optimizer,
+        [MicroBatch(batch, weight) for batch, weight in micro_batches],
+        forward=lambda batch: (model(**batch)[0], None),
+        count=count_units,
+        max_grad_norm=max_grad_norm,
+        device=micro_batches[0][0]["input_ids"].device,
+    )
+    return {
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "num_completion_tokens": result.counts[0],
+        "num_tokens": result.counts[1],
+    }
 
 
 def collate(examples: list[SFTExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -182,58 +203,12 @@ def collate(examples: list[SFTExample], pad_id: int, device: torch.device) -> di
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[dict[str, torch.Tensor], float]],
-    max_grad_norm: float,
-) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches [(batch, weight)]; weight 0 = dummy filler."""
-    world = dist_utils.world_size()
-    local_trained = sum(float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) * w for b, w in micro_batches)
-    local_tokens = sum(
-        float(b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()) * w
-        for b, w in micro_batches
-    )
-    device = micro_batches[0][0]["input_ids"].device
-    counts = dist_utils.all_reduce(
-        torch.tensor([local_trained, local_tokens], dtype=torch.float64, device=device)
-    )
-    global_trained = max(float(counts[0]), 1.0)
-    # FSDP2 averages gradients over ranks; x world makes the result the global-token-mean gradient.
-    scale = world / global_trained
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, weight in micro_batches:
-        micro_loss, _ = model(**batch)
-        (micro_loss * (scale * weight)).backward()
-        loss_sum += micro_loss.detach().double() * weight
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loss = float(dist_utils.all_reduce(loss_sum)) / global_trained
-    return {
-        "loss": loss,
-        "grad_norm": float(grad_norm),
-        "num_completion_tokens": float(counts[0]),
-        "num_tokens": float(counts[1]),
-    }
-
-
 def build_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """HF causal LM in the master-weights dtype, wrapped for the loss and sharded with FSDP2."""
-    from transformers import AutoModelForCausalLM
-
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attn_implementation=flash_attention_2 but flash_attn is not installed")
-    dtype = torch.float32 if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
-    causal_lm = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path,
-        dtype=dtype,
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
+    causal_lm = load_causal_lm(
+        cfg.model, resolve_dtype(cfg.model.dtype), attn_implementation=cfg.attn_implementation
     )
     causal_lm.config.use_cache = False
     mixed = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
@@ -243,41 +218,6 @@ def build_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, 
     )
     model.train()
     return model, causal_lm.config
-
-
-class MetricsLogger:
-    """metrics.jsonl on the main rank (+ optional W&B / TensorBoard when installed and enabled)."""
-
-    def __init__(self, cfg: SFTConfig, resume_step: int):
-        self.enabled = dist_utils.is_main()
-        self.path = Path(cfg.output_dir) / "metrics.jsonl"
-        self.wandb = self.tb = None
-        if not self.enabled:
-            return
-        if self.path.exists():  # drop rows a killed run logged after its last checkpoint
-            rows = [r for r in self.path.read_text(encoding="utf-8").splitlines() if r.strip()]
-            kept = [r for r in rows if r.endswith("}") and json.loads(r)["step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
-        if cfg.wandb and importlib.util.find_spec("wandb"):
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.wandb_project, config=to_dict(cfg), dir=cfg.output_dir)
-        if cfg.tensorboard and importlib.util.find_spec("tensorboard"):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row, step=row["step"])
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tb.add_scalar(key, value, row["step"])
 
 
 def log0(*args: Any) -> None:
@@ -334,9 +274,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- model, optimizer, schedule, resume
     base_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    save_dtype = DTYPES.get(cfg.save_dtype) or getattr(base_config, "dtype", None) or torch.float32
-    if isinstance(save_dtype, str):
-        save_dtype = DTYPES[save_dtype]
+    save_dtype = resolve_dtype(
+        cfg.save_dtype if cfg.save_dtype != "auto" else getattr(base_config, "dtype", None)
+    )
     try:
         generation_config = GenerationConfig.from_pretrained(cfg.model.path)
     except OSError:
@@ -366,7 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         f"[sft] world {world}, global batch {global_batch}, {steps_per_epoch} steps/epoch, schedule "
         f"{schedule_steps} steps ({warmup_steps} warm-up), training steps {start_step}..{last_step}"
     )
-    logger = MetricsLogger(cfg, start_step)
+    logger = MetricsLogger(
+        out / "metrics.jsonl",
+        start_step,
+        enabled=dist_utils.is_main(),
+        config=to_dict(cfg),
+        wandb=cfg.wandb,
+        wandb_project=cfg.wandb_project,
+        tensorboard=cfg.tensorboard,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dummy = SFTExample(examples[0].input_ids[:2], [IGNORE_INDEX] * 2, "dummy")
 

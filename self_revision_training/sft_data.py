@@ -31,6 +31,7 @@ from self_revision_training.shared.prompts import (
     ChatTokenizer,
     build_generation_prompt,
     build_phrase_block,
+    build_revision_stage_texts,
     encode_text,
     select_phrase,
 )
@@ -172,18 +173,13 @@ def build_example_segments(
             f"{source}: p_r {rec['p_r']!r} differs from the configured phrase for y_init_correct={correct} "
             f"({phrase!r}); the data and the prompt config disagree"
         )
-    block = build_phrase_block(correct, prompt_cfg)
     # The string fields must describe the same sequence as the structured ones (catches a Stage-2 file
     # passed to Stage 1 and vice versa).
-    delim = prompt_cfg.delimiter
-    if stage == 1 and (rec["prompt"], rec["completion"]) != (x, y_init + block + y_rev):
-        raise DataFileError(
-            f"{source}: prompt/completion do not follow the Stage-1 layout (x | y_init+P_r+y)"
-        )
-    if stage == 2 and (rec["prompt"], rec["completion"]) != (x + delim + y_init + delim + phrase, y_rev):
-        raise DataFileError(
-            f"{source}: prompt/completion do not follow the Stage-2 layout (x+y_init+P_r | y)"
-        )
+    expected = build_revision_stage_texts(x, y_init, phrase, y_rev, prompt_cfg.delimiter)[stage]
+    if (rec["prompt"], rec["completion"]) != expected:
+        layout = "x | y_init+P_r+y" if stage == 1 else "x+y_init+P_r | y"
+        raise DataFileError(f"{source}: prompt/completion do not follow the Stage-{stage} layout ({layout})")
+    block = build_phrase_block(correct, prompt_cfg)
     prompt_ids = build_generation_prompt(tokenizer, x, prompt_cfg).ids
     y_init_ids, block_ids = encode_text(tokenizer, y_init), encode_text(tokenizer, block)
     rev_ids = encode_text(tokenizer, y_rev) + end_of_turn_ids

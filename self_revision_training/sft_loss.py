@@ -18,14 +18,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from self_revision_training.sft_data import IGNORE_INDEX
+from self_revision_training.shared.target_logits import (
+    TargetLogitsLM,
+    map_chunks,
+    select_target_rows,
+    upcast_logits,
+)
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()  # [n, V], upcast: log-softmax in float32
+    logits = upcast_logits(lm_head(hidden))  # [n, V], upcast: log-softmax in float32
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _total(like: torch.Tensor, chunks: list[torch.Tensor], anchor: torch.Tensor | None) -> torch.Tensor:
+    total = like.new_zeros((), dtype=torch.float32)
+    for chunk in chunks:
+        total = total + chunk
+    if anchor is not None:
+        total = total + anchor  # no trained token: keep the graph connected (every rank must run backward)
+    return total
 
 
 def compute_completion_ce_sum(
@@ -42,51 +56,28 @@ def compute_completion_ce_sum(
     Returns:
         (loss_sum, num_tokens): float32 scalar with grad, int64 scalar.
     """
-    targets = labels[:, 1:]  # [B, T-1]
-    mask = targets != IGNORE_INDEX  # [B, T-1]
-    selected = hidden[:, :-1][mask]  # [N, H]: only positions that predict a trained token
-    selected_targets = targets[mask]  # [N]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], chunk_size):
-        h = selected[start : start + chunk_size]
-        t = selected_targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_ce_sum, h, lm_head, t, use_reentrant=False)
-        else:
-            total = total + _chunk_ce_sum(h, lm_head, t)
-    if selected.shape[0] == 0:
-        total = total + hidden.sum() * 0.0  # keep the graph connected (every rank must run backward)
-    return total, mask.sum()
+    mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    rows, targets = select_target_rows(hidden, labels[:, 1:], mask)  # [N, H], [N]
+    chunks = map_chunks(_chunk_ce_sum, rows, lm_head, (targets,), (), chunk_size)
+    return _total(hidden, chunks, hidden.sum() * 0.0 if rows.shape[0] == 0 else None), mask.sum()
 
 
-class CompletionLossModel(nn.Module):
-    """Wraps a Hugging Face causal LM so that one forward returns the completion loss sum.
-
-    FSDP2 is applied with this module as the root, so the lm_head and embeddings (root parameters) are
-    gathered for the whole forward, including the chunked loss. `causal_lm.model` must be the decoder
-    (returns `last_hidden_state`) and `causal_lm.lm_head` the output projection (Llama/Qwen layout).
-    """
+class CompletionLossModel(TargetLogitsLM):
+    """A Hugging Face causal LM whose forward returns the completion loss sum (FSDP2 root; see
+    `target_logits.TargetLogitsLM`)."""
 
     def __init__(self, causal_lm: nn.Module, chunk_size: int = 4096):
-        super().__init__()
-        for name in ("model", "lm_head"):
-            if not hasattr(causal_lm, name):
-                raise ValueError(
-                    f"{type(causal_lm).__name__} has no '.{name}'; expected a Llama/Qwen-style LM"
-                )
-        self.causal_lm = causal_lm
-        self.chunk_size = chunk_size
+        super().__init__(causal_lm, chunk_size)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         input_ids: torch.Tensor,  # [B, T]
         labels: torch.Tensor,  # [B, T]
         attention_mask: torch.Tensor | None = None,  # [B, T] {0,1}; None = no padding
         position_ids: torch.Tensor | None = None,  # [B, T]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.causal_lm.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        mask = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+        chunks, anchor = super().forward(
+            input_ids, attention_mask, position_ids, mask, _chunk_ce_sum, next_tokens=labels[:, 1:]
         )
-        return compute_completion_ce_sum(
-            out.last_hidden_state, self.causal_lm.lm_head, labels, self.chunk_size
-        )
+        return _total(labels, chunks, anchor), mask.sum()

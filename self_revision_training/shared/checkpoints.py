@@ -81,6 +81,32 @@ def remove_partial(ckpt_root: str | Path) -> list[Path]:
     return removed
 
 
+def select_checkpoints_to_delete(
+    steps: list[int], val_accuracy: dict[int, float], keep_last: int
+) -> list[int]:
+    """Checkpoint steps to delete: all but the newest `keep_last` (0 = keep all) and the best by validation."""
+    keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set(steps)
+    scored = [s for s in steps if s in val_accuracy]
+    if scored:
+        keep.add(max(scored, key=lambda s: (val_accuracy[s], s)))
+    return [s for s in steps if s not in keep]
+
+
+def stage_dir(ckpt_root: str | Path, step: int) -> tuple[Path, Path]:
+    """(temporary dir to write checkpoint `step` into, its final name); main rank only."""
+    root = Path(ckpt_root)
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp, final
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """fsync everything under `tmp`, then rename it to `final` (a `step_*` dir is always complete)."""
+    _atomic_publish(Path(tmp), Path(final))
+    return Path(final)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -89,11 +115,33 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """DCP shards of model + optimizer and this rank's RNG into `directory` (all ranks call this)."""
+    directory = Path(directory)
+    if dist_utils.is_main():
+        directory.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
+    dist_utils.save_sharded_state(model, optimizer, directory / "model_optim")
+    torch.save(_rng_state(), directory / f"rng_rank{dist_utils.rank()}.pt")
+    dist_utils.barrier()
+
+
+def load_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Inverse of `save_training_state`; the RNG only when saved by a run of the same world size."""
+    directory = Path(directory)
+    dist_utils.load_sharded_state(model, optimizer, directory / "model_optim")
+    rng_file = directory / f"rng_rank{dist_utils.rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
 def save_checkpoint(
@@ -106,18 +154,13 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` (all ranks call this) and keep only the newest `keep_last`."""
     root = Path(ckpt_root)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
     if dist_utils.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist_utils.barrier()
-    dist_utils.save_sharded_state(model, optimizer, tmp / "model_optim")
-    torch.save(_rng_state(), tmp / f"rng_rank{dist_utils.rank()}.pt")
-    dist_utils.barrier()
+        stage_dir(root, step)
+    save_training_state(tmp, model, optimizer)
     if dist_utils.is_main():
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
-        _atomic_publish(tmp, final)
+        publish_dir(tmp, final)
         for old in list_checkpoints(root)[: -keep_last or None] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
@@ -128,10 +171,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Restore model + optimizer (+ this rank's RNG when saved by a run of the same world size)."""
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    dist_utils.load_sharded_state(model, optimizer, path / "model_optim")
-    rng_file = path / f"rng_rank{dist_utils.rank()}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    load_training_state(path, model, optimizer)
     return state
 
 

@@ -48,6 +48,20 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherPromptConfig:
+    """The teacher's own prompt in Phase 2 (teacher contexts); every unset field falls back to the student's.
+
+    `user_template` placeholders: {problem}, {solution} (the reference solution, when the context has one),
+    {instruction}; substituted in one pass, so braces in a problem or solution (LaTeX) are kept as written.
+    """
+
+    user_template: str | None = None  # None = the student's user turn
+    system_prompt: str | None = None  # None = the student's system prompt; "" = no system turn
+    chat_template_kwargs: dict[str, Any] | None = None  # None = the student's (e.g. {enable_thinking: true})
+    assistant_prefix: str = ""  # text after the assistant-start marker, e.g. "<think>\n" (OPSD#10)
+
+
+@dataclass
 class PromptConfig:
     """How a problem becomes a prompt, and the outcome-conditioned phrases P_r (paper Sec. 3)."""
 
@@ -59,6 +73,8 @@ class PromptConfig:
     incorrect_phrase: str = DEFAULT_INCORRECT_PHRASE  # P_0, appended after an incorrect response
     delimiter: str = "\n\n"  # response + delimiter + P_r + delimiter + revision
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    user_template: str | None = None  # the student's user turn with {problem}, {instruction}; None = the above
+    teacher: TeacherPromptConfig = field(default_factory=TeacherPromptConfig)  # Phase 2 teacher's own prompt
 
     def __post_init__(self) -> None:
         if not self.correct_phrase.strip() or not self.incorrect_phrase.strip():
@@ -144,7 +160,8 @@ class DatasetConfig:
     subset: str | None = None  # HF config name
     split: str = "train"  # HF split
     problem_field: str | None = None  # None = detect (problem, question, query, prompt)
-    answer_field: str | None = None  # None = detect (answer, ground_truth, solution)
+    answer_field: str | None = None  # None = detect (answer, ground_truth; else the solution's \\boxed{})
+    solution_field: str | None = None  # worked reference solution; None = detect (solution, reference_solution)
     tests_field: str | None = None  # code mode; None = detect (tests, test_cases, examples)
     mode: Literal["math", "code"] = "math"  # math: answers are required; code: tests are required
     start_index: int = 0  # first row (inclusive)

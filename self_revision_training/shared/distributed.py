@@ -31,19 +31,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init(timeout_s: float = 1800.0) -> torch.device:
-    """Join (or create) the process group; returns this rank's device."""
+def init(
+    timeout_s: float = 1800.0,
+    *,
+    rendezvous: tuple[str, int, int, int] | None = None,
+    use_cuda: bool | None = None,
+) -> torch.device:
+    """Join (or create) the process group; returns this rank's device.
+
+    Args:
+        rendezvous: (master address, port, rank, world size) for processes not started by torchrun (the
+            Phase-2 learner ranks are Ray actors); None = torchrun's environment, or a private 1-rank group.
+        use_cuda: None = whenever CUDA is available.
+    """
     global _OWN_GROUP
-    use_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    if rendezvous is not None:  # a Ray actor sees only its own GPU(s): the current device
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return device
     backend = "nccl" if use_cuda else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if rendezvous is not None:
+        addr, port, rank_, world = rendezvous
+        dist.init_process_group(
+            backend, init_method=f"tcp://{addr}:{port}", rank=rank_, world_size=world, timeout=timeout
+        )
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
     else:  # single process without torchrun: a private 1-rank group
         store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)

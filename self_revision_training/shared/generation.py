@@ -61,6 +61,11 @@ class GenerationBackend(Protocol):
 
     def update_weights(self, weights_dir: str | Path) -> None: ...
 
+    def set_call_index(self, index: int) -> None:
+        """Make the next generate call draw the seed of call number `index` (HF: replays a resumed run;
+        vLLM: a no-op, its engine-level seed stream restarts with the engine)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -183,6 +188,9 @@ class VLLMBackend:
             raise RuntimeError(f"vLLM weight reload from {weights_dir} failed on a worker: {results}")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self.policy_version += 1
+
+    def set_call_index(self, index: int) -> None:
+        """No-op: vLLM's seed is engine-level (per-request seeds crash the CPU engine with prefix caching)."""
 
     def close(self) -> None:
         shutdown = getattr(self.llm, "shutdown", None)

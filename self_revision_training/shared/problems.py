@@ -5,7 +5,9 @@
 Fields are detected unless named: the problem from `problem`, `question`, `query`, `prompt` (first
 present); the answer from `answer`, `ground_truth`, `solution` (first present). GSM8K worked answers
 (`... #### 42`) keep the part after `####`; a `solution` field (a worked solution, as in MATH) keeps its
-last `\\boxed{}`. In code mode, tests come from `tests`, `test_cases`, `examples` (a list of
+last `\\boxed{}`. The worked reference solution (what OPSD-style teachers read) comes from `solution` or
+`reference_solution`, or is a GSM8K answer's whole worked text; every other field of the row is kept in
+`Problem.extras`. In code mode, tests come from `tests`, `test_cases`, `examples` (a list of
 {input, output} objects or [input, output] pairs, or that list as a JSON string).
 
 A malformed line, a missing or empty field, an answer of the wrong type or an empty dataset is a
@@ -22,13 +24,23 @@ from typing import Any
 
 from self_revision_training.shared.answers import extract_boxed
 from self_revision_training.shared.config import DatasetConfig
-from self_revision_training.shared.rewards.code_tests import TestCase
 from self_revision_training.shared.storage import DataFileError
 
 PROBLEM_FIELDS = ("problem", "question", "query", "prompt")
 ANSWER_FIELDS = ("answer", "ground_truth", "solution")
+SOLUTION_FIELDS = ("solution", "reference_solution")
 TESTS_FIELDS = ("tests", "test_cases", "examples")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class TestCase:
+    """One input/output test of a code problem (the sandbox compares whitespace-separated tokens)."""
+
+    __test__ = False  # not a pytest test class
+
+    input: str
+    output: str
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,8 @@ class Problem:
     problem: str
     answer: str  # normalised ground truth ("" in code mode)
     tests: tuple[TestCase, ...] = ()  # code mode only
+    solution: str | None = None  # worked reference solution, when the dataset has one
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)  # the row's other fields
 
 
 @dataclass
@@ -152,6 +166,26 @@ def parse_tests(value: Any, location: str) -> tuple[TestCase, ...]:
     return tuple(tests)
 
 
+def _solution(row: dict[str, Any], cfg: DatasetConfig, answer_field: str | None, location: str) -> str | None:
+    """The worked reference solution: the solution field, else a GSM8K-style worked answer (with ####)."""
+    name = _pick_field(row, cfg.solution_field, SOLUTION_FIELDS)
+    if name is None and cfg.solution_field is not None:
+        raise DataFileError(
+            f"{location}: no solution field {cfg.solution_field!r}; fields present: {sorted(row)}"
+        )
+    if name is not None:
+        value = row[name]
+        if not isinstance(value, str) or not value.strip():
+            raise DataFileError(f"{location}: field {name!r} must be a non-empty string")
+        return value.strip()
+    worked = row.get(answer_field) if answer_field else None
+    return worked.strip() if isinstance(worked, str) and "####" in worked else None
+
+
+def _extras(row: dict[str, Any], used: set[str | None]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in used}
+
+
 def _parse_row(index: int, location: str, row: Any, cfg: DatasetConfig, report: LoadReport) -> Problem:
     if isinstance(row, Exception):
         raise DataFileError(f"{location}: not valid JSON ({row})")
@@ -173,14 +207,25 @@ def _parse_row(index: int, location: str, row: Any, cfg: DatasetConfig, report: 
         tests = parse_tests(row[tests_field], location)
         if not tests:
             raise DataFileError(f"{location}: field {tests_field!r} holds no tests")
-        return Problem(index=index, problem=problem, answer="", tests=tests)
+        return Problem(
+            index=index,
+            problem=problem,
+            answer="",
+            tests=tests,
+            extras=_extras(row, {problem_field, tests_field}),
+        )
     answer_field = _pick_field(row, cfg.answer_field, ANSWER_FIELDS)
     if answer_field is None:
         wanted = cfg.answer_field or " / ".join(ANSWER_FIELDS)
         raise DataFileError(f"{location}: no answer field ({wanted}); fields present: {sorted(row)}")
     report.answer_field = answer_field
+    solution = _solution(row, cfg, answer_field, location)
     return Problem(
-        index=index, problem=problem, answer=_answer_text(row[answer_field], answer_field, location)
+        index=index,
+        problem=problem,
+        answer=_answer_text(row[answer_field], answer_field, location),
+        solution=solution,
+        extras=_extras(row, {problem_field, answer_field, *SOLUTION_FIELDS, cfg.solution_field}),
     )
 
 

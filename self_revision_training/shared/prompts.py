@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,8 +53,26 @@ class PromptSpecError(ValueError):
     """A missing or inconsistent prompt spec (sdzero_prompt.json)."""
 
 
+_PLACEHOLDER = re.compile(r"\{(problem|solution|instruction)\}")
+
+
+def fill_template(template: str, **values: str | None) -> str:
+    """Substitute {problem}, {solution}, {instruction} in one pass (values are not re-scanned, so braces in
+    a problem or solution, e.g. LaTeX, survive as written); a placeholder without a value is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        value = values.get(match.group(1))
+        if value is None:
+            raise PromptSpecError(f"prompt template uses {{{match.group(1)}}} but no value is available")
+        return value
+
+    return _PLACEHOLDER.sub(sub, template)
+
+
 def build_user_content(problem: str, cfg: PromptConfig) -> str:
-    """The user turn: the problem with the instruction after it, before it, or not at all."""
+    """The user turn: `user_template`, else the problem with the instruction after/before it, or alone."""
+    if cfg.user_template is not None:
+        return fill_template(cfg.user_template, problem=problem, instruction=cfg.instruction)
     if cfg.instruction_position == "none":
         return problem
     if cfg.instruction_position == "after":
@@ -61,10 +80,13 @@ def build_user_content(problem: str, cfg: PromptConfig) -> str:
     return cfg.instruction + cfg.instruction_separator + problem
 
 
+def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*messages, {"role": "user", "content": user}]
+
+
 def build_messages(problem: str, cfg: PromptConfig) -> list[dict[str, str]]:
-    messages = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
-    messages.append({"role": "user", "content": build_user_content(problem, cfg)})
-    return messages
+    return _messages(cfg.system_prompt, build_user_content(problem, cfg))
 
 
 def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
@@ -73,14 +95,21 @@ def encode_text(tokenizer: ChatTokenizer, text: str) -> list[int]:
 
 
 def build_chat_prompt_text(
-    tokenizer: ChatTokenizer, messages: list[dict[str, str]], cfg: PromptConfig
+    tokenizer: ChatTokenizer, messages: list[dict[str, str]], cfg: PromptConfig, kwargs: dict | None = None
 ) -> str:
-    """The chat template rendered up to and including the assistant-start marker."""
+    """The chat template rendered up to and including the assistant-start marker.
+
+    Args:
+        kwargs: chat-template kwargs; None = `cfg.chat_template_kwargs` (the student's).
+    """
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "the tokenizer")
         raise PromptSpecError(f"{name} has no chat_template; SD-Zero prompts need a chat model's tokenizer")
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **cfg.chat_template_kwargs
+        messages,
+        tokenize=False,
+        add_generation_prompt=True,
+        **(cfg.chat_template_kwargs if kwargs is None else kwargs),
     )
     if not isinstance(text, str):
         raise PromptSpecError(f"apply_chat_template returned {type(text).__name__}, expected str")
@@ -93,14 +122,65 @@ def build_generation_prompt(tokenizer: ChatTokenizer, problem: str, cfg: PromptC
     return PromptTokens(text=text, ids=encode_text(tokenizer, text))
 
 
+def build_teacher_prompt(
+    tokenizer: ChatTokenizer, problem: str, cfg: PromptConfig, solution: str | None = None
+) -> PromptTokens:
+    """The Phase-2 teacher's prompt: the student's chat(x) unless `cfg.teacher` sets its own user template
+    ({problem}, {solution}, {instruction}), system prompt, chat-template kwargs or assistant prefix (text
+    after the assistant-start marker, encoded as its own segment)."""
+    teacher = cfg.teacher
+    system = cfg.system_prompt if teacher.system_prompt is None else (teacher.system_prompt or None)
+    if teacher.user_template is None:
+        user = build_user_content(problem, cfg)
+    else:
+        user = fill_template(
+            teacher.user_template, problem=problem, solution=solution, instruction=cfg.instruction
+        )
+    messages = _messages(system, user)
+    text = build_chat_prompt_text(tokenizer, messages, cfg, teacher.chat_template_kwargs)
+    ids = encode_text(tokenizer, text)
+    if teacher.assistant_prefix:
+        ids += encode_text(tokenizer, teacher.assistant_prefix)
+    return PromptTokens(text=text + teacher.assistant_prefix, ids=ids)
+
+
 def select_phrase(correct: bool, cfg: PromptConfig) -> str:
     """P_r: the rephrase cue for a correct response (r=1), the correct-it cue otherwise (r=0)."""
     return cfg.correct_phrase if correct else cfg.incorrect_phrase
 
 
+def join_phrase_block(phrase: str, delimiter: str) -> str:
+    """delimiter + P_r + delimiter: the one place this layout is written (every phase calls it)."""
+    return delimiter + phrase + delimiter
+
+
 def build_phrase_block(correct: bool, cfg: PromptConfig) -> str:
-    """delimiter + P_r + delimiter: what separates a response from its revision."""
-    return cfg.delimiter + select_phrase(correct, cfg) + cfg.delimiter
+    """delimiter + P_r + delimiter for a graded response: what separates it from its revision."""
+    return join_phrase_block(select_phrase(correct, cfg), cfg.delimiter)
+
+
+def build_phrase_ids(tokenizer: ChatTokenizer, cfg: PromptConfig) -> dict[bool, list[int]]:
+    """Token ids of the phrase block for each verdict, encoded on their own (see the module docstring)."""
+    return {correct: encode_text(tokenizer, build_phrase_block(correct, cfg)) for correct in (True, False)}
+
+
+def build_revision_stage_texts(
+    x: str, y_init: str, phrase: str, y_revised: str, delimiter: str
+) -> dict[int, tuple[str, str]]:
+    """The reference's text layouts of one verified tuple: {stage: (prompt, completion)} (reference §3).
+
+    Stage 1: x                              -> y_init + d + P_r + d + y_revised
+    Stage 2: x + d + y_init + d + P_r       -> y_revised
+    """
+    return {
+        1: (x, y_init + join_phrase_block(phrase, delimiter) + y_revised),
+        2: (x + delimiter + y_init + delimiter + phrase, y_revised),
+    }
+
+
+def strip_eos(ids: list[int], eos_token_ids: frozenset[int] | set[int]) -> list[int]:
+    """`ids` without a final end-of-turn token (a response continued inside the same assistant turn)."""
+    return list(ids[:-1]) if ids and ids[-1] in eos_token_ids else list(ids)
 
 
 def build_revision_prompt(
@@ -169,8 +249,9 @@ def load_prompt_spec(directory: str | Path) -> tuple[PromptConfig, dict[str, Any
 
 def check_prompt_spec(spec: dict[str, Any], tokenizer: ChatTokenizer, cfg: PromptConfig) -> None:
     """Raise if `tokenizer`/`cfg` would build different prompts than the ones recorded in `spec`."""
-    if spec["prompt"] != to_dict(cfg):
-        diff = {k: (spec["prompt"].get(k), v) for k, v in to_dict(cfg).items() if spec["prompt"].get(k) != v}
+    recorded = to_dict(from_dict(PromptConfig, spec["prompt"], prefix="prompt."))  # older specs: defaults
+    if recorded != to_dict(cfg):
+        diff = {k: (recorded.get(k), v) for k, v in to_dict(cfg).items() if recorded.get(k) != v}
         raise PromptSpecError(f"prompt config differs from the recorded one (recorded, current): {diff}")
     if spec.get("chat_template_sha256") != chat_template_sha256(tokenizer):
         raise PromptSpecError("the tokenizer's chat template differs from the recorded one")

@@ -1,9 +1,15 @@
-"""Durable file output: atomic writes and append-only JSONL that survives a kill mid-write.
+"""Durable file output: atomic writes, append-only JSONL, and the committed batch log of every data stage.
 
 A crash or SIGKILL must lose no finished work: whole files are written to a temporary sibling and
 renamed into place (`atomic_write_text`, `atomic_write_json`); record logs are appended one JSON line at
 a time and fsync'ed per batch (`JsonlWriter`). `read_jsonl` ignores a torn last line (the only damage a
 kill can do to an append-only file) and reports anything else as an error naming the file and line.
+
+The batch log (`BatchLog`) is how every Phase-1 data stage (self-revision, rejection sampling, SSD,
+teacher rationales) writes durably: each batch's records are appended in one fsync'ed write that ends
+with a `batch_done` marker line, and a batch is committed once its marker is on disk. On reopen,
+`recover_batch_log` cuts everything after the last marker (a batch killed mid-write), so a rerun resumes
+with whole batches only and never duplicates a record.
 """
 
 from __future__ import annotations
@@ -118,3 +124,93 @@ def read_json_list(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             raise DataFileError(f"{path}: item {i} is a {type(rec).__name__}, expected an object")
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# the committed batch log
+
+BATCH_DONE = "batch_done"  # the `type` of the marker line that commits a batch
+
+
+def recover_batch_log(path: str | Path) -> int:
+    """Cut everything after the last `batch_done` marker (a batch killed mid-write); return lines dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    committed = 0
+    dropped = 0
+    offset = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            offset += len(line)
+            dropped += 1
+            if not line.endswith(b"\n"):
+                continue  # torn last line
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # only a torn or half-flushed tail can be unparseable; it is uncommitted
+            if isinstance(record, dict) and record.get("type") == BATCH_DONE:
+                committed, dropped = offset, 0
+    if offset > committed:
+        with open(path, "rb+") as handle:
+            handle.truncate(committed)
+    return dropped
+
+
+def iter_committed_batches(
+    path: str | Path, record_types: Iterable[str] | None = None
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(marker, records) per committed batch of a log that `recover_batch_log` has cleaned.
+
+    Args:
+        record_types: the record `type` values the log may hold (anything else is an error naming the
+            line); None accepts any type.
+    """
+    allowed = None if record_types is None else set(record_types)
+    pending: list[dict[str, Any]] = []
+    if not Path(path).exists():
+        return
+    for lineno, record in iter_jsonl(path, allow_torn_tail=False):
+        kind = record.get("type")
+        if kind == BATCH_DONE:
+            yield record, pending
+            pending = []
+        elif allowed is None or kind in allowed:
+            pending.append(record)
+        else:
+            raise DataFileError(f"{path}:{lineno}: unknown record type {kind!r}")
+    if pending:
+        raise DataFileError(f"{path}: {len(pending)} records after the last batch_done marker (run recovery)")
+
+
+class BatchLog:
+    """An append-only log of committed batches (see the module docstring); reopening recovers it.
+
+    with BatchLog(path) as log:          # cuts an uncommitted tail on open
+        log.commit(records, indices=[...], seconds=1.2)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.dropped_on_open = recover_batch_log(self.path)
+        self._writer = JsonlWriter(self.path)
+
+    def batches(self, record_types: Iterable[str] | None = None):
+        """The committed batches, oldest first (see `iter_committed_batches`)."""
+        return iter_committed_batches(self.path, record_types)
+
+    def commit(self, records: list[dict[str, Any]], **marker: Any) -> dict[str, Any]:
+        """Append `records` and their marker in one fsync'ed write; returns the marker."""
+        line = {"type": BATCH_DONE, **marker}
+        self._writer.write_batch([*records, line])
+        return line
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> BatchLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

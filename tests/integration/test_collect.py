@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from self_revision_training import collect
-from self_revision_training.revision_data import CollectionStats, iter_committed_batches
+from self_revision_training.revision_data import CollectionStats
+from self_revision_training.shared.storage import iter_committed_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -159,11 +159,16 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(setup, tmp_path):
 @pytest.mark.slow
 def test_distillation_steps_reduce_held_out_kl_to_the_teacher(setup, tiny_tokenizer):
     """Science check: the real Teacher and Learner and the real loss; KL on held-out sequences drops."""
-    from self_distillation.actors import Learner, LearnerSample, Teacher
     from self_distillation.config import SelfDistillationConfig
-    from self_distillation.rollout_data import build_rollout_items
+    from self_distillation.learner import Learner
+    from self_distillation.losses import Divergence
+    from self_distillation.rollout_data import LearnerSample, build_rollout_items
+    from self_distillation.teacher import Teacher
+    from self_distillation.teacher_context import SelfRevisionContext
     from self_revision_training.shared.config import load_config
-    from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, encode_text
+    from self_revision_training.shared.problems import Problem
+    from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_ids
+    from self_revision_training.shared.rewards import Verdict
 
     cfg = load_config(
         SelfDistillationConfig,
@@ -180,31 +185,26 @@ def test_distillation_steps_reduce_held_out_kl_to_the_teacher(setup, tiny_tokeni
         ],
     )
     prompt_cfg = PromptConfig()
-    phrases = {r: encode_text(tiny_tokenizer, build_phrase_block(r, prompt_cfg)) for r in (True, False)}
+    phrases = build_phrase_ids(tiny_tokenizer, prompt_cfg)
     g = torch.Generator().manual_seed(0)
 
     def batch(n: int, offset: int) -> list[LearnerSample]:
-        prompts = [
-            build_generation_prompt(tiny_tokenizer, f"What is {i} + 2?", prompt_cfg).ids
-            for i in range(offset, offset + n)
+        problems = [Problem(i, f"What is {i} + 2?", str(i + 2)) for i in range(offset, offset + n)]
+        prompts = [build_generation_prompt(tiny_tokenizer, p.problem, prompt_cfg).ids for p in problems]
+        by_index = {p.index: ids for p, ids in zip(problems, prompts, strict=True)}
+        context = SelfRevisionContext(lambda p: by_index[p.index], phrases, eos_token_ids=frozenset())
+        samples = [
+            [(torch.randint(5, 1000, (12,), generator=g).tolist(), "", "length", None)] for _ in prompts
         ]
-        samples = [[(torch.randint(5, 1000, (12,), generator=g).tolist(), "length", None)] for _ in prompts]
-        items, _ = build_rollout_items(
-            prompts,
-            samples,
-            [[i % 2 == 0] for i in range(n)],
-            phrases,
-            problem_indices=list(range(n)),
-            eos_token_ids=frozenset(),
-            max_teacher_tokens=None,
-        )
+        verdicts = [[Verdict(i % 2 == 0, None, "")] for i in range(n)]
+        items, _ = build_rollout_items(context, problems, prompts, samples, verdicts)
         scores = teacher.score([(i.teacher_ids, i.teacher_mask) for i in items])
         return [
             LearnerSample(i.student_ids, i.student_mask, i.reward, None, s)
             for i, s in zip(items, scores, strict=True)
         ]
 
-    teacher = Teacher(cfg.teacher, cfg.loss)
+    teacher = Teacher(cfg.teacher, Divergence.from_config(cfg.loss))
     learner = Learner(cfg, 0, 1)
     addr, port = learner.address()
     learner.setup(addr, port)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from self_revision_training.shared.problems import TestCase
 from self_revision_training.shared.rewards.code_tests import (
     SandboxLimits,
-    TestCase,
     extract_code,
     grade_code,
     grade_code_batch,

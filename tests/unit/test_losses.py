@@ -10,9 +10,10 @@ import torch
 
 from self_distillation.losses import (
     KL_TYPES,
+    Divergence,
     compute_token_divergence,
+    compute_token_divergence_stats,
     distillation_loss,
-    global_token_count,
     lean_distillation_loss,
 )
 
@@ -71,9 +72,8 @@ def test_matches_brute_force_values_and_gradients(kl_type, top_k, clip):
     kwargs = (
         {"clip_per_entry": 0.05} if clip == "entry" else {"clip_per_token": 0.3} if clip == "token" else {}
     )
-    loss, _ = distillation_loss(
-        student, teacher, mask, kl_type=kl_type, top_k=top_k, mixed_kl_weight=0.3, jsd_beta=0.4, **kwargs
-    )
+    div = Divergence(kl_type=kl_type, top_k=top_k, mixed_kl_weight=0.3, jsd_beta=0.4, **kwargs)
+    loss, _ = distillation_loss(student, teacher, mask, div)
     ref = brute_force(
         student,
         teacher,
@@ -93,10 +93,10 @@ def test_matches_brute_force_values_and_gradients(kl_type, top_k, clip):
 
 def test_low_precision_logits_are_upcast():
     student, teacher, mask = make(seed=4)
-    div = compute_token_divergence(student.bfloat16(), teacher.bfloat16(), kl_type="reverse")
+    div = compute_token_divergence(student.bfloat16(), teacher.bfloat16(), Divergence("reverse"))
     assert div.dtype == torch.float32
     ref = compute_token_divergence(
-        student.bfloat16().double(), teacher.bfloat16().double(), kl_type="reverse"
+        student.bfloat16().double(), teacher.bfloat16().double(), Divergence("reverse")
     )
     torch.testing.assert_close(div.double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -104,27 +104,28 @@ def test_low_precision_logits_are_upcast():
 def test_properties():
     student, teacher, mask = make()
     for kl_type in KL_TYPES:  # zero when the distributions are equal
-        loss, _ = distillation_loss(student, student.detach().clone(), mask, kl_type=kl_type)
+        loss, _ = distillation_loss(student, student.detach().clone(), mask, Divergence(kl_type))
         assert abs(float(loss.detach())) < 1e-6
-    loss, _ = distillation_loss(student, teacher, torch.zeros_like(mask), kl_type="reverse")
+    loss, _ = distillation_loss(student, teacher, torch.zeros_like(mask), Divergence("reverse"))
     assert float(loss) == 0.0 and not torch.isnan(loss)  # all masked: 0, not NaN
     loss.backward()
     assert teacher.grad is None  # gradients reach only the student
     # a masked position has no effect on loss or gradient
     other = student.detach().clone()
     other[mask == 0] += 100.0
-    a, _ = distillation_loss(student, teacher, mask, kl_type="mixed")
-    b, _ = distillation_loss(other, teacher, mask, kl_type="mixed")
+    a, _ = distillation_loss(student, teacher, mask, Divergence("mixed"))
+    b, _ = distillation_loss(other, teacher, mask, Divergence("mixed"))
     torch.testing.assert_close(a, b)
 
 
 def test_micro_batch_split_invariance():
     student, teacher, mask = make(B=4, T=6, seed=5)
-    full, _ = distillation_loss(student, teacher, mask, kl_type="mixed", top_k=4)
+    div = Divergence("mixed", top_k=4)
+    full, _ = distillation_loss(student, teacher, mask, div)
     (full_grad,) = torch.autograd.grad(full, student)
-    count = global_token_count([mask[:1], mask[1:3], mask[3:]])
+    count = sum(m.sum() for m in (mask[:1], mask[1:3], mask[3:]))  # the step's global token count
     parts = [
-        distillation_loss(student[s], teacher[s], mask[s], kl_type="mixed", top_k=4, num_tokens=count)[0]
+        distillation_loss(student[s], teacher[s], mask[s], div, num_tokens=count)[0]
         for s in (slice(0, 1), slice(1, 3), slice(3, 4))
     ]
     total = sum(parts)
@@ -151,16 +152,19 @@ def test_lean_path_matches_plain(kl_type, top_k, clip):
     t_hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     t_weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
     mask = (torch.rand(N, generator=g) > 0.2).float()
-    kwargs = {"kl_type": kl_type, "top_k": top_k, "num_tokens": 30.0}
+    kwargs = {"kl_type": kl_type, "top_k": top_k}
     if clip == "entry":
         kwargs["clip_per_entry"] = 0.05
     elif clip == "token":
         kwargs["clip_per_token"] = 0.5
+    div = Divergence(**kwargs)
     plain, _ = distillation_loss(
-        (hidden @ weight.T)[None], (t_hidden @ t_weight.T)[None], mask[None], **kwargs
+        (hidden @ weight.T)[None], (t_hidden @ t_weight.T)[None], mask[None], div, num_tokens=30.0
     )
     plain_grads = torch.autograd.grad(plain, (hidden, weight))
-    lean, metrics = lean_distillation_loss(hidden, weight, t_hidden, t_weight, mask, chunk_size=8, **kwargs)
+    lean, metrics = lean_distillation_loss(
+        hidden, weight, t_hidden, t_weight, mask, div, num_tokens=30.0, chunk_size=8
+    )
     lean_grads = torch.autograd.grad(lean, (hidden, weight))
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-12)
     for a, b in zip(lean_grads, plain_grads, strict=True):
@@ -191,9 +195,8 @@ def test_lean_path_errors_and_no_grad():
     ],
 )
 def test_bad_options(kwargs, message):
-    student, teacher, mask = make()
     with pytest.raises(ValueError, match=message):
-        distillation_loss(student, teacher, mask, **kwargs)
+        Divergence(**kwargs)
 
 
 def _rank_main(rank, world, port, student, teacher, mask, out):
@@ -203,8 +206,9 @@ def _rank_main(rank, world, port, student, teacher, mask, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * 2, rank * 2 + 2)
     local = student[rows].detach().clone().requires_grad_(True)
-    count = global_token_count([mask[rows]], all_reduce=dist.all_reduce)
-    loss, _ = distillation_loss(local, teacher[rows], mask[rows], kl_type="reverse", num_tokens=count)
+    count = mask[rows].sum()
+    dist.all_reduce(count)  # the step's global token count
+    loss, _ = distillation_loss(local, teacher[rows], mask[rows], Divergence("reverse"), num_tokens=count)
     loss.backward()
     out[rank] = local.grad
     dist.destroy_process_group()
@@ -218,7 +222,7 @@ def test_data_parallel_normalisation_across_ranks():
 
     student, teacher, mask = make(B=4, T=6, seed=9)
     mask[0, :] = 1
-    full, _ = distillation_loss(student, teacher, mask, kl_type="reverse")
+    full, _ = distillation_loss(student, teacher, mask, Divergence("reverse"))
     (full_grad,) = torch.autograd.grad(full, student)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -232,6 +236,23 @@ def test_data_parallel_normalisation_across_ranks():
 @pytest.mark.parametrize("kl_type", KL_TYPES)
 def test_temperature_scales_both_distributions(kl_type):
     student, teacher, mask = make(seed=11)
-    loss, _ = distillation_loss(student, teacher, mask, kl_type=kl_type, top_k=4, temperature=0.7)
+    loss, _ = distillation_loss(student, teacher, mask, Divergence(kl_type, top_k=4, temperature=0.7))
     ref = brute_force(student, teacher, mask, kl_type, top_k=4, temp=0.7)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_clip_counts():
+    """The clip statistics the learner logs: entries above clip_per_entry, tokens above clip_per_token."""
+    student, teacher, mask = make(seed=3)
+    div = Divergence("forward", clip_per_entry=0.05)
+    stats = compute_token_divergence_stats(student, teacher, div)
+    with torch.no_grad():
+        ps = torch.log_softmax(student.double(), -1)
+        pt = torch.log_softmax(teacher.double(), -1)
+        terms = pt.exp() * (pt - ps)
+    assert torch.equal(stats.clipped_entries, (terms > 0.05).sum(-1).to(stats.clipped_entries.dtype))
+    assert stats.entries_per_token == student.shape[-1] and not stats.clipped_token.any()
+    plain = compute_token_divergence(student, teacher, Divergence("reverse"))
+    tok = compute_token_divergence_stats(student, teacher, Divergence("reverse", clip_per_token=0.3))
+    assert torch.equal(tok.clipped_token.bool(), plain > 0.3)
+    assert torch.equal(tok.values, plain.clamp(max=0.3))

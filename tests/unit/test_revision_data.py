@@ -9,20 +9,17 @@ from pathlib import Path
 import pytest
 
 from self_revision_training import prepare_data
-from self_revision_training.revision_data import (
-    CollectionStats,
+from self_revision_training.revision_data import CollectionStats, load_verified
+from self_revision_training.shared.config import DEFAULT_CORRECT_PHRASE as P1
+from self_revision_training.shared.config import DEFAULT_INCORRECT_PHRASE as P0
+from self_revision_training.shared.storage import DataFileError, iter_committed_batches, recover_batch_log
+from self_revision_training.stage_split import (
     build_stage_records,
     format_stage1,
     format_stage2,
-    iter_committed_batches,
-    load_verified,
-    recover_attempts,
     strip_sycophantic_opening,
     trim_repeating_tail,
 )
-from self_revision_training.shared.config import DEFAULT_CORRECT_PHRASE as P1
-from self_revision_training.shared.config import DEFAULT_INCORRECT_PHRASE as P0
-from self_revision_training.shared.storage import DataFileError
 
 
 def rec(
@@ -201,7 +198,7 @@ def write_log(path: Path, batches: list[list[dict]], tail: str = "") -> None:
     path.write_text("\n".join(lines) + "\n" + tail, encoding="utf-8")
 
 
-def test_recover_attempts_drops_only_the_uncommitted_batch(tmp_path):
+def test_recover_batch_log_drops_only_the_uncommitted_batch(tmp_path):
     path = tmp_path / "attempts.jsonl"
     write_log(path, [[rec(0, False)], [rec(1, False), rec(2, True)]])
     committed = path.read_bytes()
@@ -209,9 +206,9 @@ def test_recover_attempts_drops_only_the_uncommitted_batch(tmp_path):
         path, "a", encoding="utf-8"
     ) as f:  # a batch cut by a kill: complete lines, no marker, torn tail
         f.write(json.dumps(rec(3, False)) + "\n" + json.dumps(rec(4, False))[:17])
-    assert recover_attempts(path) == 2
+    assert recover_batch_log(path) == 2
     assert path.read_bytes() == committed
-    assert recover_attempts(path) == 0
+    assert recover_batch_log(path) == 0
     batches = list(iter_committed_batches(path))
     assert [m["indices"] for m, _ in batches] == [[0], [1, 2]]
 

@@ -5,17 +5,35 @@ from __future__ import annotations
 import pytest
 import torch
 
-from self_distillation.losses import compute_sparse_token_divergence, distillation_loss
+from self_distillation.losses import Divergence, compute_sparse_token_divergence, distillation_loss
 from self_distillation.rollout_data import (
     DataPosition,
     build_rollout_items,
     collate_sequences,
-    compute_learner_metrics,
     epoch_order,
     plan_micro_batches,
-    select_checkpoints_to_delete,
     take_problem_indices,
 )
+from self_distillation.step_metrics import DistillationStats
+from self_distillation.teacher_context import SelfRevisionContext
+from self_revision_training.shared.checkpoints import select_checkpoints_to_delete
+from self_revision_training.shared.problems import Problem
+from self_revision_training.shared.rewards import Verdict
+
+
+def sd_zero_items(prompts, samples, rewards, phrases, *, problem_indices, eos_token_ids, max_teacher_tokens):
+    """build_rollout_items with SD-Zero's self-revision context (the default teacher context)."""
+    by_index = dict(zip(problem_indices, prompts, strict=True))
+    context = SelfRevisionContext(
+        lambda p: by_index[p.index],
+        phrases,
+        eos_token_ids=eos_token_ids,
+        max_teacher_tokens=max_teacher_tokens,
+    )
+    problems = [Problem(index=i, problem=f"p{i}", answer="1") for i in problem_indices]
+    rows = [[(ids, "", finish, lp) for ids, finish, lp in row] for row in samples]
+    verdicts = [[Verdict(r, None, "correct" if r else "wrong") for r in row] for row in rewards]
+    return build_rollout_items(context, problems, prompts, rows, verdicts)
 
 
 @pytest.mark.parametrize("kl_type", ["forward", "reverse", "mixed", "jsd"])
@@ -30,10 +48,12 @@ def test_sparse_divergence_matches_full_logit_loss(kl_type, top_k, temperature):
         ids, lps = None, scaled
     else:
         lps, ids = scaled.topk(top_k, dim=-1)
-    sparse = compute_sparse_token_divergence(student, lps, ids, kl_type=kl_type, temperature=temperature)
+    sparse = compute_sparse_token_divergence(
+        student, lps, ids, Divergence(kl_type, temperature=temperature)
+    ).values
     mask = torch.ones(1, 7)
     ref, _ = distillation_loss(
-        student[None], teacher[None], mask, kl_type=kl_type, top_k=top_k, temperature=temperature
+        student[None], teacher[None], mask, Divergence(kl_type, top_k=top_k, temperature=temperature)
     )
     assert sparse.mean().item() == pytest.approx(ref.item(), abs=1e-10)
     (g1,) = torch.autograd.grad(sparse.mean(), student)
@@ -46,7 +66,7 @@ def test_sparse_divergence_is_zero_when_equal_and_teacher_gets_no_grad():
     teacher_lp = logits.log_softmax(-1).requires_grad_(True)
     lps, ids = teacher_lp.topk(3, dim=-1)
     student = logits.clone().requires_grad_(True)
-    div = compute_sparse_token_divergence(student, lps, ids, kl_type="mixed")
+    div = compute_sparse_token_divergence(student, lps, ids, Divergence("mixed")).values
     assert div.abs().max() < 1e-6
     div.sum().backward()
     assert teacher_lp.grad is None and student.grad is not None
@@ -67,7 +87,7 @@ def test_build_rollout_items_picks_phrase_by_reward_and_skips_bad_samples():
     eos = frozenset({99})
     phrases = {True: [7, 1, 7], False: [7, 0, 7]}
     samples = [[([5, 6, 99], "stop", [-0.1, -0.2, -0.3]), ([], "stop", [])], [([5] * 10, "length", None)]]
-    items, skipped = build_rollout_items(
+    items, skipped = sd_zero_items(
         [[1, 2], [3]],
         samples,
         [[True, False], [False]],
@@ -81,7 +101,7 @@ def test_build_rollout_items_picks_phrase_by_reward_and_skips_bad_samples():
     assert first.teacher_ids == [1, 2, 5, 6, 7, 1, 7, 5, 6, 99]  # first copy without EOS, P_1 block
     assert first.teacher_mask == [0] * 7 + [1] * 3 and first.student_mask == [0, 0, 1, 1, 1]
     assert items[1].teacher_ids[11:14] == [7, 0, 7] and items[1].problem_index == 11
-    _, skipped = build_rollout_items(
+    _, skipped = sd_zero_items(
         [[1, 2]],
         [[([5, 6], "stop", None)]],
         [[True]],
@@ -111,15 +131,17 @@ def test_checkpoint_retention_keeps_latest_and_best():
 
 
 def test_learner_metrics_split_kl_by_reward():
-    m = compute_learner_metrics(
-        {
-            "kl_sum": 3.0,
-            "num_tokens": 3.0,
-            "kl_sum_r1": 1.0,
-            "num_tokens_r1": 2.0,
-            "kl_sum_r0": 2.0,
-            "num_tokens_r0": 1.0,
-            "logprob_gap_sum": 0.3,
-        }
+    stats = DistillationStats()
+    one = torch.ones(1)
+    stats.add_sample(
+        True, torch.tensor([0.25, 0.75]), torch.zeros(2), torch.zeros(2), None, 0 * one, 0 * one, 4
     )
+    stats.add_sample(False, torch.tensor([2.0]), torch.zeros(1), torch.full((1,), 0.3), None, one, one, 4)
+    m = stats.metrics()
     assert (m["train/kl"], m["train/kl_r1"], m["train/kl_r0"]) == (1.0, 0.5, 2.0)
+    assert m["train/teacher_minus_student_logprob"] == pytest.approx(0.1)
+    assert m["train/clipped_entry_fraction"] == 1 / 12 and m["train/clipped_token_fraction"] == 1 / 3
+    again = DistillationStats()
+    again.set_from_tensor(stats.to_tensor("sum"), "sum")
+    again.set_from_tensor(stats.to_tensor("max"), "max")
+    assert again == stats

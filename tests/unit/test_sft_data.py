@@ -284,12 +284,12 @@ def test_import_boundaries(blocked, modules):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_prepare_data_records_are_accepted(tiny_tokenizer, stage):
     """The contract with Phase 1's prepare_data: its Stage-1/2 records tokenise without errors."""
-    from self_revision_training import revision_data
+    from self_revision_training import stage_split
 
     base = sdzero_record(1)
     tuple_ = {k: base[k] for k in ("x", "y_init", "p_r", "y_revised", "y_init_correct")}
     tuple_ |= {"original_index": 3, "response_idx": 0, "revision_idx": 1}
-    fmt = revision_data.format_stage1 if stage == 1 else revision_data.format_stage2
+    fmt = stage_split.format_stage1 if stage == 1 else stage_split.format_stage2
     (ex,), report = build(tiny_tokenizer, [fmt(tuple_)], stage=stage)
     assert report.num_examples == 1 and tiny_tokenizer.decode(ex.input_ids).endswith(
         base["y_revised"] + "<|im_end|>"

@@ -1,32 +1,47 @@
-"""The binary reward r of a response: one interface over the math verifier and the code sandbox.
+"""The reward-source seam: the binary reward r of every response, scored a whole group at a time.
 
-Collection, Phase 2 and evaluation grade through `build_verifier(mode, cfg)`, so another reward
-source (e.g. majority-vote pseudo-labels) plugs in here without touching the loops.
+Every phase and method grades through `build_reward_source(name, mode, grading)`:
 
-    with build_verifier("math", GradingConfig()) as verifier:
-        verdicts = verifier.grade(responses, problems)
+    with build_reward_source("ground_truth", "math", GradingConfig()) as reward:
+        verdicts = reward.score(problems, groups)   # groups[i]: the responses to problems[i]
+
+`score` sees each problem's whole group of responses, so a source may decide r from the group (the
+majority-vote pseudo-label plugs in here); a `Verdict` carries r, the extracted answer, the reason and
+the label it was compared with. Implementations:
+    ground_truth  math: math-verify against `Problem.answer` in worker processes with a hard per-item
+                  deadline (`math_verify.MathGrader`); code: the last fenced program on `Problem.tests` in
+                  the sandbox (`code_tests`). An empty response is r=0 ("empty_response") without a call.
+    none          no reward (methods whose signal does not depend on r, e.g. SSD); every verdict is
+                  r=0 with reason "no_reward" and no label.
+P_r is chosen from a verdict by `prompts.build_phrase_block(verdict.correct, ...)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from self_revision_training.shared.config import GradingConfig
 from self_revision_training.shared.problems import Problem
 from self_revision_training.shared.rewards.code_tests import SandboxLimits, grade_code_batch
 from self_revision_training.shared.rewards.math_verify import MathGrader
 
+RewardName = Literal["ground_truth", "none"]
+REWARD_NAMES: tuple[str, ...] = ("ground_truth", "none")
+
 
 @dataclass(frozen=True)
 class Verdict:
-    correct: bool
-    extracted: str | None  # the extracted answer (math) or language (code)
-    reason: str  # math: correct / wrong / no_answer / timeout / error; code: passed / wrong_answer / ...
+    correct: bool  # r
+    extracted: str | None  # the extracted answer (math) or the program's language (code)
+    reason: str  # math: correct / wrong / no_answer / timeout / ...; code: passed / wrong_answer / ...
+    label: str | None = None  # what the response was compared with (math: the ground truth); None = none
 
 
-class Verifier(Protocol):
-    def grade(self, responses: list[str], problems: list[Problem]) -> list[Verdict]: ...
+class RewardSource(Protocol):
+    name: str
+
+    def score(self, problems: list[Problem], groups: list[list[str]]) -> list[list[Verdict]]: ...
 
     def close(self) -> None: ...
 
@@ -42,37 +57,71 @@ class _Closing:
         self.close()
 
 
-class MathVerifier(_Closing):
-    """math-verify in worker processes with a hard per-item deadline (grading.MathGrader)."""
-
-    def __init__(self, cfg: GradingConfig):
-        self._grader = MathGrader(cfg)
-
-    def grade(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
-        results = self._grader.grade_batch(responses, [p.answer for p in problems])
-        return [Verdict(r.correct, r.extracted, r.reason) for r in results]
-
-    def close(self) -> None:
-        self._grader.close()
+def _check_groups(problems: list[Problem], groups: list[list[str]]) -> None:
+    if len(problems) != len(groups):
+        raise ValueError(f"{len(problems)} problems but {len(groups)} groups of responses")
 
 
-class CodeVerifier(_Closing):
-    """The last fenced program, run on the problem's tests in the sandbox (code_sandbox)."""
+class GroundTruthReward(_Closing):
+    """r = the response verifies against the problem's reference (math answer or code tests)."""
 
-    def __init__(self, cfg: GradingConfig, limits: SandboxLimits | None = None):
+    name = "ground_truth"
+
+    def __init__(
+        self, mode: Literal["math", "code"], cfg: GradingConfig, limits: SandboxLimits | None = None
+    ):
+        if mode not in ("math", "code"):
+            raise ValueError(f"unknown grading mode {mode!r} (expected math or code)")
+        self.mode = mode
+        self._grader = MathGrader(cfg) if mode == "math" else None
         self._workers = cfg.num_workers
         self._limits = limits or SandboxLimits()
 
-    def grade(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
+    def _grade(self, responses: list[str], problems: list[Problem]) -> list[Verdict]:
+        if self._grader is not None:
+            results = self._grader.grade_batch(responses, [p.answer for p in problems])
+            return [
+                Verdict(r.correct, r.extracted, r.reason, p.answer)
+                for r, p in zip(results, problems, strict=True)
+            ]
         results = grade_code_batch(
             responses, [list(p.tests) for p in problems], self._limits, num_workers=self._workers
         )
         return [Verdict(r.correct, r.language, r.reason) for r in results]
 
+    def score(self, problems: list[Problem], groups: list[list[str]]) -> list[list[Verdict]]:
+        _check_groups(problems, groups)
+        flat = [(i, j) for i, group in enumerate(groups) for j in range(len(group))]
+        todo = [(i, j) for i, j in flat if groups[i][j].strip()]  # empty responses need no verifier call
+        graded = self._grade([groups[i][j] for i, j in todo], [problems[i] for i, _ in todo]) if todo else []
+        out: list[list[Verdict | None]] = [[None] * len(group) for group in groups]
+        for (i, j), verdict in zip(todo, graded, strict=True):
+            out[i][j] = verdict
+        label = (lambda p: p.answer) if self.mode == "math" else (lambda p: None)
+        return [
+            [v if v is not None else Verdict(False, None, "empty_response", label(problems[i])) for v in row]
+            for i, row in enumerate(out)
+        ]
 
-def build_verifier(mode: str, cfg: GradingConfig) -> MathVerifier | CodeVerifier:
-    if mode == "math":
-        return MathVerifier(cfg)
-    if mode == "code":
-        return CodeVerifier(cfg)
-    raise ValueError(f"unknown grading mode {mode!r} (expected math or code)")
+    def close(self) -> None:
+        if self._grader is not None:
+            self._grader.close()
+
+
+class NoReward(_Closing):
+    """No reward: methods whose training signal does not depend on r."""
+
+    name = "none"
+
+    def score(self, problems: list[Problem], groups: list[list[str]]) -> list[list[Verdict]]:
+        _check_groups(problems, groups)
+        return [[Verdict(False, None, "no_reward") for _ in group] for group in groups]
+
+
+def build_reward_source(name: str, mode: str, cfg: GradingConfig) -> RewardSource:
+    """The reward source `name` (REWARD_NAMES) for a dataset in `mode` (math | code)."""
+    if name == "ground_truth":
+        return GroundTruthReward(mode, cfg)  # type: ignore[arg-type]
+    if name == "none":
+        return NoReward()
+    raise ValueError(f"unknown reward source {name!r}; choose one of {list(REWARD_NAMES)}")

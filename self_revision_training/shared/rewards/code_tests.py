@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from self_revision_training.shared.problems import TestCase
+
 logger = logging.getLogger(__name__)
 
 _LAUNCHER = Path(__file__).with_name("sandbox_exec.py")
@@ -51,14 +53,6 @@ LANGUAGE_ALIASES = {
 }
 SANDBOX_UID_BASE = 61000  # unprivileged uids used when running as root (one per concurrent run)
 SANDBOX_UID_COUNT = 512
-
-
-@dataclass(frozen=True)
-class TestCase:
-    __test__ = False  # not a pytest test class
-
-    input: str
-    output: str
 
 
 @dataclass

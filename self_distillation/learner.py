@@ -1,0 +1,205 @@
+"""One FSDP2 rank of the Phase-2 student: the objective's update, weight export, checkpoints.
+
+N ranks form one torch.distributed group (gloo on CPU, nccl on GPU) inside Ray actors (rank 0 picks
+the rendezvous). Each training step gets `plan[optimizer step][micro-batch] = samples` for this rank
+and runs `training.run_optimizer_step` per optimizer step (token mean over the whole step, all ranks),
+with the objective chosen by name (`objectives.build_objective`); AdamW and the reference's
+warm-up-then-constant LR (LinearLR from `warmup_start_factor`, then constant). A plain class: `actors.py`
+places it, tests build it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from self_distillation.config import SelfDistillationConfig
+from self_distillation.losses import Divergence
+from self_distillation.objectives import build_objective
+from self_distillation.rollout_data import LearnerSample
+from self_revision_training.shared import checkpoints
+from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.storage import atomic_write_json
+from self_revision_training.shared.target_logits import TargetLogitsLM
+from self_revision_training.shared.training import (
+    MicroBatch,
+    load_causal_lm,
+    resolve_dtype,
+    run_optimizer_step,
+    warmup_multiplier,
+)
+
+
+class Learner:
+    """One FSDP2 rank of the student."""
+
+    def __init__(self, cfg: SelfDistillationConfig, rank: int, world_size: int):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port (called on rank 0 to pick the rendezvous)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        ray = sys.modules.get("ray")
+        address = ray.util.get_node_ip_address() if ray is not None and ray.is_initialized() else "127.0.0.1"
+        return address, port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        cfg = self.cfg
+        use_cuda = torch.cuda.is_available() and cfg.ray.num_gpus > 0
+        self.device = dist_utils.init(
+            rendezvous=(master_addr, master_port, self.rank, self.world), use_cuda=use_cuda
+        )
+        torch.manual_seed(cfg.seed + self.rank)
+        from transformers import AutoConfig, AutoTokenizer
+
+        causal_lm = load_causal_lm(cfg.student, resolve_dtype(cfg.student.dtype))
+        causal_lm.config.use_cache = False
+        self.hf_config = AutoConfig.from_pretrained(
+            cfg.student.path, trust_remote_code=cfg.student.trust_remote_code
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.student.path, trust_remote_code=cfg.student.trust_remote_code
+        )
+        self.tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
+        self.objective = build_objective(cfg.objective, Divergence.from_config(cfg.loss), len(self.tokenizer))
+        self.model = TargetLogitsLM(causal_lm, cfg.loss.chunk_size)
+        mixed = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and use_cuda)
+        dist_utils.wrap_fsdp(
+            self.model,
+            self.device,
+            mixed_precision=mixed,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )
+        self.model.train()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup_multiplier(step, o.warmup_steps, o.warmup_start_factor)
+        )
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    # -- training
+
+    def train_step(self, plan: list[list[list[LearnerSample]]]) -> dict[str, float]:
+        """plan[optimizer step][micro-batch] = this rank's samples. Returns summed statistics (all ranks)."""
+        stats = self.objective.new_stats()
+        losses, grad_norms, lrs, num_tokens = [], [], [], 0.0
+        for micro_batches in plan:
+            lrs.append(self.scheduler.get_last_lr()[0])
+            result = run_optimizer_step(
+                self.model,
+                self.optimizer,
+                [MicroBatch(samples) for samples in micro_batches],
+                forward=lambda samples: self.objective.micro_batch_loss(
+                    self.model, samples, self.pad_id, self.device
+                ),
+                count=lambda samples: [float(sum(s.num_targets for s in samples))],
+                max_grad_norm=self.cfg.optim.max_grad_norm,
+                device=self.device,
+            )
+            self.scheduler.step()
+            for samples, values in zip(micro_batches, result.outputs, strict=True):
+                self.objective.add_stats(stats, samples, values)
+            losses.append(result.loss)
+            grad_norms.append(result.grad_norm)
+            num_tokens += result.counts[0]
+        for reduce in ("sum", "max"):
+            stats.set_from_tensor(
+                dist_utils.all_reduce(stats.to_tensor(reduce).to(self.device), op=reduce).cpu(), reduce
+            )
+        return {
+            **stats.metrics(),
+            "loss": sum(losses) / len(losses),
+            "grad_norm": grad_norms[-1],
+            "lr": lrs[0],
+            "num_tokens": num_tokens,
+            "optimizer_steps": float(len(plan)),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, samples: list[LearnerSample]) -> dict[str, Any]:
+        """No-grad objective and student target log-probs (same samples on every rank)."""
+        self.model.eval()
+        try:
+            _, values = self.objective.micro_batch_loss(self.model, samples, self.pad_id, self.device)
+        finally:
+            self.model.train()
+        divergence = values["divergence"]
+        return {
+            "kl_mean": float(divergence.mean()) if divergence.numel() else float("nan"),
+            "student_logprobs": values["logprobs"].cpu(),
+        }
+
+    # -- weights and checkpoints
+
+    def save_weights(self, directory: str) -> str:
+        """All ranks: gather the full student; rank 0 writes `directory/model.safetensors` atomically."""
+        from safetensors.torch import save_file
+
+        full = dist_utils.get_full_state_dict(self.model)
+        if self.rank == 0:
+            state = {k.removeprefix("causal_lm."): v.contiguous() for k, v in full.items()}
+            if self.tied:
+                state.pop("lm_head.weight", None)  # the engine re-ties it to the embedding
+            out = Path(directory)
+            tmp = out.with_name(f".tmp_{out.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        dist_utils.barrier()
+        return directory
+
+    def save_checkpoint(self, directory: str) -> None:
+        """All ranks: DCP shards of model + optimizer, this rank's RNG, rank 0 the scheduler."""
+        checkpoints.save_training_state(directory, self.model, self.optimizer)
+        if self.rank == 0:
+            atomic_write_json(Path(directory) / "scheduler.json", self.scheduler.state_dict())
+        dist_utils.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        checkpoints.load_training_state(directory, self.model, self.optimizer)
+        self.scheduler.load_state_dict(json.loads((Path(directory) / "scheduler.json").read_text()))
+
+    def export_hf(self, directory: str, prompt_spec: dict[str, Any]) -> None:
+        """All ranks: the consolidated Hugging Face directory (+ sdzero_prompt.json)."""
+
+        def extra(path: Path) -> None:
+            atomic_write_json(path / "sdzero_prompt.json", prompt_spec)
+
+        checkpoints.save_hf_export(
+            self.model,
+            directory,
+            self.hf_config,
+            self.tokenizer,
+            save_dtype=resolve_dtype(getattr(self.hf_config, "dtype", None)),
+            strip_prefix="causal_lm.",
+            extra_files=extra,
+        )
+
+    def get_state(self) -> dict[str, Any]:
+        """Full model + optimizer + scheduler state on CPU (tests compare runs with it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
+
+    def close(self) -> None:
+        dist_utils.cleanup()

@@ -1,0 +1,127 @@
+"""The optimizer step every trainer shares: the FSDP2 global-token-mean step, LR multipliers, model loading.
+
+One step over this rank's micro-batches (`run_optimizer_step`):
+
+    count   = all_reduce(sum of the micro-batches' loss units)   # before any backward: the step's normaliser
+    scale   = world_size / count                                 # FSDP2 averages gradients over ranks
+    for each micro-batch: (loss_sum * scale * weight).backward() # loss_sum = the micro-batch's summed terms
+    clip the global gradient norm, optimizer.step(), zero_grad
+
+so the step's gradient is that of the mean over every unit (token, for SFT and distillation) of the whole
+step, whatever the split over micro-batches and ranks (reference §7.15). A micro-batch of weight 0 is a
+dummy that keeps every rank's collective calls in step and contributes nothing. Used by the SFT
+(`sft.py`) and the Phase-2 learner (`self_distillation.learner`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """A torch dtype from a config name ("auto" or None -> `auto`)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return auto
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)} or auto")
+    return DTYPES[name]
+
+
+def load_causal_lm(model: ModelConfig, dtype: torch.dtype, **kwargs: Any):
+    """A Hugging Face causal LM from `model.path` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=dtype, trust_remote_code=model.trust_remote_code, **kwargs
+    )
+
+
+def warmup_multiplier(
+    step: int, warmup_steps: int, start_factor: float = 0.0, then: Callable[[int], float] | None = None
+) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warm-up from `start_factor` to 1 over
+    `warmup_steps`, then `then(step)` (default: constant 1)."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    return 1.0 if then is None else then(step)
+
+
+def build_lr_lambda(schedule: str, total_steps: int, warmup_steps: int, start_factor: float = 0.0):
+    """HF-style schedule: warm-up from `start_factor`, then constant, linear or cosine decay to 0."""
+
+    def decay(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return lambda step: warmup_multiplier(step, warmup_steps, start_factor, decay)
+
+
+@dataclass
+class MicroBatch:
+    inputs: Any  # what `forward` takes
+    weight: float = 1.0  # 0 = dummy filler (same collectives, no contribution)
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss: summed terms / the global count of loss units
+    grad_norm: float  # global L2 norm before clipping
+    counts: list[float]  # the all-reduced counts (counts[0] = the loss units)
+    outputs: list[Any]  # forward's second return value per micro-batch (detached statistics)
+
+
+def run_optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    *,
+    forward: Callable[[Any], tuple[torch.Tensor, Any]],
+    count: Callable[[Any], Sequence[float]],
+    max_grad_norm: float,
+    device: torch.device,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches with the global-unit-mean normalisation.
+
+    Args:
+        forward: inputs -> (loss_sum: scalar tensor with grad, per-micro-batch output kept for the caller).
+        count: inputs -> [loss units, other counters...] of that micro-batch (summed over micro-batches and
+            all-reduced over ranks before any backward; only counts[0] normalises the loss).
+        max_grad_norm: global L2 clip; <= 0 = no clipping (the norm is still computed).
+    """
+    world = dist_utils.world_size()
+    per_batch = [[float(v) * mb.weight for v in count(mb.inputs)] for mb in micro_batches]
+    local = [sum(column) for column in zip(*per_batch, strict=True)]
+    counts = dist_utils.all_reduce(torch.tensor(local, dtype=torch.float64, device=device))
+    global_units = max(float(counts[0]), 1.0)
+    scale = world / global_units  # FSDP2 averages gradients over ranks; x world undoes it
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    outputs = []
+    for mb in micro_batches:
+        micro_loss, output = forward(mb.inputs)
+        (micro_loss * (scale * mb.weight)).backward()
+        loss_sum += micro_loss.detach().double() * mb.weight
+        outputs.append(output)
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(dist_utils.all_reduce(loss_sum)) / global_units
+    return StepResult(loss, float(grad_norm), [float(c) for c in counts], outputs)
