@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from self_distillation.losses import Divergence, KLType
 from self_revision_training.shared.config import (
     BackendConfig,
     ConfigError,
@@ -26,7 +27,7 @@ ObjectiveName = Literal["distillation"]  # objectives.OBJECTIVE_NAMES
 
 @dataclass
 class LossConfig:
-    kl_type: Literal["forward", "reverse", "mixed", "jsd"] = "mixed"  # reference default: mixed
+    kl_type: KLType = "mixed"  # forward | reverse | mixed | jsd (losses.py); reference default: mixed
     mixed_kl_weight: float = 0.5  # weight of the forward term in "mixed"
     jsd_beta: float = 0.5  # jsd mixture weight
     top_k: int | None = 64  # teacher support (renormalised top-k, reference); null = full vocabulary
@@ -37,18 +38,12 @@ class LossConfig:
     chunk_size: int = 1024  # student target positions per lm_head chunk in the loss
 
     def __post_init__(self) -> None:
-        if not 0 <= self.mixed_kl_weight <= 1 or not 0 < self.jsd_beta < 1:
-            raise ValueError("loss.mixed_kl_weight must be in [0, 1] and loss.jsd_beta in (0, 1)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"loss.top_k must be null or >= 1, got {self.top_k}")
-        if self.temperature <= 0 or self.chunk_size < 1:
-            raise ValueError("loss.temperature must be > 0 and loss.chunk_size >= 1")
-        for name in ("clip_per_entry", "clip_per_token"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"loss.{name} must be null or > 0, got {value}")
-        if self.clip_per_entry is not None and self.kl_type == "jsd":
-            raise ValueError("loss.clip_per_entry applies to forward/reverse/mixed; use loss.clip_per_token")
+        try:  # Divergence is the one place the divergence options are checked
+            Divergence.from_config(self)
+        except ValueError as exc:
+            raise ValueError(f"loss.{exc}") from exc
+        if self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclass

@@ -65,6 +65,7 @@ from self_revision_training.shared.training import (
 class SFTDataConfig:
     train_file: str = ""  # .jsonl (or .json list) of prompt/completion records, e.g. DATA/srt_stage1.jsonl
     extra_fields: Literal["error", "ignore"] = "error"  # record keys outside the known set
+    layout: Literal["revision", "prompt_completion"] = "revision"  # SRT stages, or plain one-stage SFT data
 
 
 @dataclass
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         stage2_layout=cfg.stage2_layout,
         overlong=cfg.overlong,
         extra_fields=cfg.data.extra_fields,
+        layout=cfg.data.layout,
     )
     log0(f"[sft] stage {cfg.stage} data {cfg.data.train_file}: {report.summary()}; prompt from {prompt_from}")
     if not examples:

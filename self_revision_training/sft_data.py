@@ -6,8 +6,9 @@ Pure core for `self_revision_training.sft` (paper Sec. 3, Phase 1 "Self-Revision
     Stage 1: prompt = x;                        completion = y_init + "\n\n" + P_r + "\n\n" + y_revised
     Stage 2: prompt = x + "\n\n" + y_init + "\n\n" + P_r; completion = y_revised
 
-SD-Zero records also carry the structured fields `x`, `y_init`, `p_r`, `y_revised`, `y_init_correct`;
-generic prompt/completion records (no structured fields) are accepted as "problem text -> answer".
+SD-Zero records also carry the structured fields `x`, `y_init`, `p_r`, `y_revised`, `y_init_correct`
+(layout `revision`, the two SRT stages). Layout `prompt_completion` is the plain one-stage SFT every other
+data stage writes (rejection sampling, SSD, teacher rationales): chat(prompt) -> completion + end-of-turn.
 Token ids are built per segment (chat prompt | y_init | phrase block | y_revised | end-of-turn) and never
 by re-encoding joined text (see `prompts.py`), so SFT sees exactly the token sequences Phase 1 sampled
 and the Phase-2 teacher is queried with. Stage 2 defaults to the *continuation* layout
@@ -49,6 +50,7 @@ METADATA_FIELDS = frozenset(
 _SENTINEL = "SDZERO_END_OF_TURN_PROBE_7f3a"
 
 Stage = Literal[1, 2]
+Layout = Literal["revision", "prompt_completion"]  # revision = the SRT stages; prompt_completion = plain SFT
 Stage2Layout = Literal["continuation", "user_turn"]
 Overlong = Literal["truncate", "drop"]
 Batching = Literal["length_grouped", "none"]
@@ -160,12 +162,18 @@ def build_example_segments(
     prompt_cfg: PromptConfig,
     end_of_turn_ids: list[int],
     extra_fields: str = "error",
+    layout: Layout = "revision",
 ) -> tuple[list[int], list[int], str]:
     """One record -> (prompt_ids, completion_ids incl. end-of-turn, layout name)."""
     structured = _check_record(source, rec, extra_fields)
-    if not structured:
+    if layout == "prompt_completion":
         prompt_ids = build_generation_prompt(tokenizer, rec["prompt"], prompt_cfg).ids
-        return prompt_ids, encode_text(tokenizer, rec["completion"]) + end_of_turn_ids, "generic"
+        return prompt_ids, encode_text(tokenizer, rec["completion"]) + end_of_turn_ids, "prompt_completion"
+    if not structured:
+        raise DataFileError(
+            f"{source}: a plain prompt/completion record in the SRT (revision) layout; "
+            "set data.layout=prompt_completion for one-stage SFT data"
+        )
     x, y_init, y_rev, correct = rec["x"], rec["y_init"], rec["y_revised"], rec["y_init_correct"]
     phrase = select_phrase(correct, prompt_cfg)
     if rec["p_r"] != phrase:
@@ -201,11 +209,13 @@ def build_sft_examples(
     stage2_layout: Stage2Layout = "continuation",
     overlong: Overlong = "truncate",
     extra_fields: str = "error",
+    layout: Layout = "revision",
 ) -> tuple[list[SFTExample], TokenizeReport]:
     """Tokenise records into completion-only SFT examples.
 
     Args:
         records: ("file:line", record) pairs from `load_records`.
+        layout: `revision` (SD-Zero records, Stage 1 or 2) or `prompt_completion` (plain records).
         max_length: tokens per sequence; longer ones are truncated (the completion is cut, the prompt
             kept) or dropped (`overlong="drop"`). A prompt that alone fills max_length is always dropped.
     Returns:
@@ -218,8 +228,8 @@ def build_sft_examples(
     report = TokenizeReport(num_records=len(records))
     examples: list[SFTExample] = []
     for source, rec in records:
-        prompt_ids, completion_ids, layout = build_example_segments(
-            tokenizer, rec, source, stage, stage2_layout, prompt_cfg, end_of_turn, extra_fields
+        prompt_ids, completion_ids, name = build_example_segments(
+            tokenizer, rec, source, stage, stage2_layout, prompt_cfg, end_of_turn, extra_fields, layout
         )
         if not completion_ids:
             report.num_dropped_empty += 1
@@ -232,7 +242,7 @@ def build_sft_examples(
             report.num_truncated += 1
         labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids)
         examples.append(SFTExample(prompt_ids + completion_ids, labels, source))
-        report.layouts[layout] = report.layouts.get(layout, 0) + 1
+        report.layouts[name] = report.layouts.get(name, 0) + 1
     report.num_examples = len(examples)
     return examples, report
 

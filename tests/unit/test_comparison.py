@@ -16,23 +16,25 @@ import pytest
 
 from self_distillation.comparison import (
     CurvePoint,
-    align_per_problem,
     build_comparison,
-    compute_paired_bootstrap_interval,
-    compute_paired_difference,
-    compute_per_problem_accuracy,
-    compute_sign_flip_p_value,
-    compute_unpaired_interval,
     extract_curve_points,
     failed_method_run,
     format_comparison_markdown,
     format_comparison_text,
     format_delta,
     load_method_run,
-    load_per_problem_accuracy,
     plot_sample_efficiency,
 )
 from self_distillation.evaluation import Z_95, summarize
+from self_distillation.paired_stats import (
+    align_per_problem,
+    compute_paired_bootstrap_interval,
+    compute_paired_difference,
+    compute_per_problem_accuracy,
+    compute_sign_flip_p_value,
+    compute_unpaired_interval,
+    load_per_problem_accuracy,
+)
 
 # Case (a): 12 problems, k = 8. Method A's per-problem accuracies (in eighths) spread widely, so each
 # unpaired interval is wide; B beats A by one sample on 9 problems, loses one on 1, ties on 2.

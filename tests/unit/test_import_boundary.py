@@ -38,6 +38,7 @@ CORE = [
     "self_distillation.step_metrics",
     "self_distillation.evaluation",
     "self_distillation.comparison",
+    "self_distillation.paired_stats",
 ]
 FORBIDDEN = ("vllm", "ray", "torch.distributed")
 

@@ -116,12 +116,19 @@ def test_generic_records(tiny_tokenizer, tmp_path):
     path = tmp_path / "generic.json"
     path.write_text(json.dumps([{"prompt": "What is 2 + 2?", "completion": "It is \\boxed{4}."}]))
     (ex,), report = build_sft_examples(
-        tiny_tokenizer, load_records(path), stage=2, prompt_cfg=CFG, max_length=512
+        tiny_tokenizer,
+        load_records(path),
+        stage=2,
+        prompt_cfg=CFG,
+        max_length=512,
+        layout="prompt_completion",
     )
     prompt_text, completion_text, _ = split(tiny_tokenizer, ex)
     assert prompt_text == build_generation_prompt(tiny_tokenizer, "What is 2 + 2?", CFG).text
     assert completion_text == "It is \\boxed{4}.<|im_end|>"
-    assert report.layouts == {"generic": 1}
+    assert report.layouts == {"prompt_completion": 1}
+    with pytest.raises(DataFileError, match="layout=prompt_completion"):  # no side path into the SRT stages
+        build_sft_examples(tiny_tokenizer, load_records(path), stage=1, prompt_cfg=CFG, max_length=512)
 
 
 def test_overlong_truncate_and_drop(tiny_tokenizer):
@@ -136,7 +143,7 @@ def test_overlong_truncate_and_drop(tiny_tokenizer):
     assert report.num_dropped_overlong == 1 and report.num_examples == 2
     examples, report = build(tiny_tokenizer, recs[:1], max_length=prompt_len)  # prompt alone fills it
     assert report.num_dropped_overlong == 1 and examples == []
-    _, report = build(tiny_tokenizer, [{"prompt": "q", "completion": ""}])
+    _, report = build(tiny_tokenizer, [{"prompt": "q", "completion": ""}], layout="prompt_completion")
     assert report.num_examples == 1  # the end-of-turn token is still trained
     assert "kept" in report.summary()
 
