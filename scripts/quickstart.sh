@@ -85,5 +85,8 @@ evaluate sd-zero "$D/distill/final"
 
 stage "report"
 "$PY" -m self_distillation.report "$D/eval/base" "$D/eval/srt" "$D/eval/sd-zero" \
-  --plot "$D/distill/metrics.jsonl" "$D/phase2_curves.png" | tee "$D/results.txt"
-echo "quickstart: done in $(( $(date +%s) - start ))s; table $D/results.txt, plot $D/phase2_curves.png"
+  --plot "$D/distill/metrics.jsonl" "$D/phase2_curves.png" \
+  --plot-localization "$D/distill/metrics.jsonl" "$D/localization_curves.png" | tee "$D/results.txt"
+page=$(ls -1 "$D"/distill/dumps/step_*.html | tail -n 1)
+echo "quickstart: done in $(( $(date +%s) - start ))s; table $D/results.txt, plots $D/phase2_curves.png" \
+  "$D/localization_curves.png; where the teacher corrects, token by token: $page"

@@ -13,11 +13,14 @@ interface; a dead actor raises `ActorFailure` naming the actor, the call and the
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from self_distillation.config import SelfDistillationConfig
 from self_distillation.learner import Learner
 from self_distillation.losses import Divergence
+from self_distillation.placement import PlacementPlan, build_placement
 from self_distillation.teacher import Teacher
 from self_revision_training.shared.config import BackendConfig, GradingConfig, ModelConfig, SamplingConfig
 
@@ -66,10 +69,10 @@ class RolloutWorker:
 class RewardWorker:
     """The reward source, scoring groups of responses (empty responses are r=0 without a verifier call)."""
 
-    def __init__(self, name: str, mode: str, cfg: GradingConfig):
+    def __init__(self, name: str, mode: str, cfg: GradingConfig, vote: Any = None):
         from self_revision_training.shared.rewards import build_reward_source
 
-        self.reward = build_reward_source(name, mode, cfg)
+        self.reward = build_reward_source(name, mode, cfg, vote)
 
     def score(self, problems: list[Any], groups: list[list[str]]) -> list[list[Any]]:
         return self.reward.score(problems, groups)
@@ -129,16 +132,21 @@ def resolve(futures: list[Any], handles: list[ActorHandle], method: str, context
 
 
 class LearnerGroup:
-    """N `Learner` ranks forming one torch.distributed group."""
+    """N `Learner` ranks forming one torch.distributed group (rank r in placement bundle r)."""
 
-    def __init__(self, cfg: SelfDistillationConfig, gpus_per_rank: float):
+    def __init__(self, cfg: SelfDistillationConfig, plan: PlacementPlan, env_vars: dict[str, str]):
         remote = cfg.ray.enabled
         if not remote and cfg.ray.num_learners != 1:
             raise ValueError("ray.enabled=false runs one learner rank in the driver; set ray.num_learners=1")
-        options = {"num_gpus": gpus_per_rank, "num_cpus": cfg.ray.learner_cpus, **_thread_env(cfg)}
         n = cfg.ray.num_learners
         self.handles = [
-            ActorHandle(f"learner[{r}]", Learner, (cfg, r, n), remote=remote, options=options)
+            ActorHandle(
+                f"learner[{r}]",
+                Learner,
+                (cfg, r, n),
+                remote=remote,
+                options=plan.options("learner", r, env_vars),
+            )
             for r in range(n)
         ]
         addr, port = self.handles[0].call("address")
@@ -155,56 +163,143 @@ class LearnerGroup:
             h.kill()
 
 
-def _thread_env(cfg: SelfDistillationConfig) -> dict[str, Any]:
+def split_evenly(num_items: int, num_parts: int) -> list[range]:
+    """`num_parts` contiguous ranges covering range(num_items), sizes differing by at most one."""
+    bounds = [round(i * num_items / num_parts) for i in range(num_parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(num_parts)]
+
+
+class RolloutGroup:
+    """Data-parallel rollout engines behind one interface: each step's prompts are split between the
+    engines (contiguous, balanced by count), every engine receives the synced weights."""
+
+    def __init__(self, handles: list[ActorHandle]):
+        self.handles = handles
+        self.remote = handles[0].remote
+
+    def info(self) -> dict[str, Any]:
+        return self.handles[0].call("info")
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        limits: list[int],
+        call_key: int,
+        context: str,
+    ) -> tuple[list[Any], int]:
+        """-> (per prompt, per sample (ids, text, finish reason, log-probs)), the engines' policy version."""
+        engines = len(self.handles)
+        parts = [p for p in split_evenly(len(prompts), engines)]
+        futures = [  # one engine keeps the call key: a single-engine run samples exactly as before
+            h.submit(
+                "generate",
+                [prompts[i] for i in part],
+                sampling,
+                [limits[i] for i in part],
+                call_key * engines + e,
+            )
+            for e, (h, part) in enumerate(zip(self.handles, parts, strict=True))
+        ]
+        results = resolve(futures, self.handles, "generate", context)
+        versions = {version for _, version in results}
+        if len(versions) != 1:
+            raise ActorFailure(
+                f"rollout engines hold different weights versions {sorted(versions)} {context}"
+            )
+        return [row for rows, _ in results for row in rows], versions.pop()
+
+    def update_weights(self, weights_dir: str, context: str) -> None:
+        futures = [h.submit("update_weights", weights_dir) for h in self.handles]
+        resolve(futures, self.handles, "update_weights", context)
+
+    def kill(self) -> None:
+        for h in self.handles:
+            h.kill()
+
+
+@dataclass
+class Workers:
+    """Every Phase-2 worker and the placement they run in."""
+
+    rollout: RolloutGroup
+    reward: ActorHandle
+    teacher: ActorHandle | None  # None: the learner scores the teacher sequences (cfg.teacher_source)
+    learners: LearnerGroup
+    plan: PlacementPlan
+
+    def shutdown(self) -> None:
+        """Kill every actor (best effort: some may be dead already), then release the placement group;
+        in local mode, destroy the learner's process group."""
+        for group in (self.rollout, self.reward, self.teacher, self.learners):
+            if group is None:
+                continue
+            try:
+                group.kill()
+            except Exception:  # noqa: BLE001 - best effort at shutdown; the actor may be dead already
+                pass
+        if not self.rollout.remote:
+            self.learners.call_all("close")  # local mode: leave no process group behind
+        self.plan.remove()
+
+
+def _thread_env(cfg: SelfDistillationConfig) -> dict[str, str]:
     """Ray gives an actor with num_cpus=0 one OpenMP thread; rollout, teacher and training run one after
     another, so on a CPU machine the teacher and learners may use more (ray.cpu_threads)."""
     if cfg.ray.cpu_threads <= 0 or not cfg.ray.enabled:
         return {}
-    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.ray.cpu_threads)}}}
+    return {"OMP_NUM_THREADS": str(cfg.ray.cpu_threads)}
 
 
-def build_workers(cfg: SelfDistillationConfig) -> dict[str, Any]:
-    """Place rollout worker, reward worker, teacher and learner ranks per `cfg.ray` (resources at construction)."""
+def build_workers(cfg: SelfDistillationConfig) -> Workers:
+    """Create every worker in its placement bundle (`placement.build_placement`; resources at construction)."""
     remote = cfg.ray.enabled
     if remote:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=cfg.ray.address, include_dashboard=False)
-    gpus = cfg.ray.num_gpus
-    if gpus == 0:
-        learner_gpus = rollout_gpus = teacher_gpus = 0.0
-    elif cfg.ray.placement == "colocated":  # rank r's GPU also hosts ~engine and teacher shares
-        learner_gpus, rollout_gpus, teacher_gpus = 0.5, 0.25, 0.25
-    else:
-        learner_gpus, rollout_gpus, teacher_gpus = 1.0, cfg.ray.rollout_gpus, cfg.ray.teacher_gpus
-        if cfg.ray.num_learners + rollout_gpus + teacher_gpus > gpus:
-            raise ValueError(
-                f"split placement needs {cfg.ray.num_learners + rollout_gpus + teacher_gpus} GPUs, have {gpus}"
-            )
-    on = dict(num_cpus=0)
-    rollout = ActorHandle(
-        "rollout",
-        RolloutWorker,
-        (cfg.student, cfg.backend),
-        remote=remote,
-        options={**on, "num_gpus": rollout_gpus},
+    plan = build_placement(cfg.ray, cfg.backend.tensor_parallel_size)
+    if cfg.ray.num_gpus:
+        print(f"[distill] placement\n{plan.format_table()}", flush=True)
+    threads = _thread_env(cfg)
+    backend = dataclasses.replace(
+        cfg.backend,
+        tensor_parallel_size=plan.rollout_tp_size,
+        distributed_executor_backend=plan.rollout_executor_backend,
     )
+    engines = [  # distinct engine seeds, or every engine would draw the same random stream
+        ActorHandle(
+            f"rollout[{e}]",
+            RolloutWorker,
+            (cfg.student, dataclasses.replace(backend, seed=backend.seed + e)),
+            remote=remote,
+            options=plan.options("rollout", e),
+        )
+        for e in range(plan.num_rollout_engines)
+    ]
     reward = ActorHandle(
-        "reward", RewardWorker, (cfg.reward, cfg.train_data.mode, cfg.grading), remote=remote, options=on
-    )
-    teacher_device = "cuda" if gpus > 0 else "cpu"
-    teacher = ActorHandle(
-        "teacher",
-        Teacher,
-        (
-            cfg.teacher,
-            Divergence.from_config(cfg.loss),
-            teacher_device,
-            cfg.teacher_offload and cfg.ray.placement == "colocated",
-        ),
+        "reward",
+        RewardWorker,
+        (cfg.reward, cfg.train_data.mode, cfg.grading, cfg.vote),
         remote=remote,
-        options={**on, "num_gpus": teacher_gpus, **_thread_env(cfg)},
+        options=plan.options("reward"),
     )
-    learners = LearnerGroup(cfg, learner_gpus)
-    return {"rollout": rollout, "reward": reward, "teacher": teacher, "learners": learners}
+    teacher = (
+        None
+        if cfg.teacher_source != "actor"
+        else ActorHandle(
+            "teacher",
+            Teacher,
+            (
+                cfg.teacher,
+                Divergence.from_config(cfg.loss),
+                "cuda" if cfg.ray.num_gpus > 0 else "cpu",
+                cfg.teacher_offload and cfg.ray.placement == "colocated",
+            ),
+            remote=remote,
+            options=plan.options("teacher", 0, threads),
+        )
+    )
+    learners = LearnerGroup(cfg, plan, threads)
+    return Workers(RolloutGroup(engines), reward, teacher, learners, plan)

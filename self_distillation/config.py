@@ -15,14 +15,37 @@ from self_revision_training.shared.config import (
     ConfigError,
     DatasetConfig,
     GradingConfig,
+    LoRAConfig,
     ModelConfig,
     PromptConfig,
     SamplingConfig,
 )
 from self_revision_training.shared.rewards import RewardName
+from self_revision_training.shared.rewards.majority_vote import VoteConfig
 
-TeacherContextName = Literal["self_revision"]  # teacher_context.TEACHER_CONTEXTS
-ObjectiveName = Literal["distillation"]  # objectives.OBJECTIVE_NAMES
+TeacherContextName = Literal[  # teacher_context.TEACHER_CONTEXTS
+    "self_revision", "reference_solution", "revision_with_solution", "successful_sibling", "none"
+]
+ObjectiveName = Literal["distillation", "grpo"]  # objectives.OBJECTIVE_NAMES
+
+
+@dataclass
+class GRPOConfig:
+    """objective=grpo (self_distillation/grpo.py): the policy-gradient baseline in the same loop."""
+
+    scale_rewards: Literal["group", "none"] = "group"  # group: (r - mean) / (std + eps); none: Dr. GRPO
+    eps: float = 1e-6  # added to the group's std
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO: separate clips)
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # k3 KL to a frozen reference (teacher.path); 0 = none, no reference is loaded
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"  # over the whole step and all ranks
+    epochs: int = 1  # optimizer passes over each rollout batch (each pass: the optimizer steps of the step)
+
+    def __post_init__(self) -> None:
+        if self.clip_low <= 0 or self.clip_low >= 1 or self.clip_high <= 0 or self.eps <= 0:
+            raise ValueError("grpo: 0 < clip_low < 1, clip_high > 0 and eps > 0 required")
+        if self.kl_coef < 0 or self.epochs < 1:
+            raise ValueError("grpo: kl_coef >= 0 and epochs >= 1 required")
 
 
 @dataclass
@@ -132,8 +155,13 @@ class SelfDistillationConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)  # the frozen SRT checkpoint (Phase 1 final/)
     prompt: PromptConfig = field(default_factory=PromptConfig)  # used only when prompt_source=config
     prompt_source: Literal["auto", "config"] = "auto"  # auto: the teacher's sdzero_prompt.json (required)
-    teacher_context: TeacherContextName = "self_revision"  # what the teacher reads before y (teacher_context.py)
+    teacher_context: TeacherContextName = (
+        "self_revision"  # what the teacher reads before y (teacher_context.py)
+    )
     reward: RewardName = "ground_truth"  # where r comes from (shared/rewards)
+    vote: VoteConfig = field(
+        default_factory=VoteConfig
+    )  # reward=majority_vote: threshold, ties, trained votes
     objective: ObjectiveName = "distillation"  # what the learner minimises (objectives.py)
     train_data: DatasetConfig = field(default_factory=DatasetConfig)
     val_data: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))  # path "" = none
@@ -141,6 +169,8 @@ class SelfDistillationConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     grading: GradingConfig = field(default_factory=lambda: GradingConfig(num_workers=8))
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters; synced and exported merged
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # objective=grpo
     optim: OptimConfig = field(default_factory=OptimConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = ""  # required: config.yaml, metrics.jsonl, checkpoints/, weights/, final/
@@ -150,11 +180,18 @@ class SelfDistillationConfig:
     train_global_batch_size: int = 0  # sequences per optimizer step; 0 = all samples of the step (one step)
     micro_batch_size: int = 1  # sequences per forward per learner rank
     max_num_steps: int = 1000  # training steps
+    max_samples: int = 0  # training samples this run may generate (budget.json); 0 = no cap
     max_num_epochs: int = 5  # passes over the training problems
     max_total_sequence_length: int = 8192  # student prompt + response tokens
     max_teacher_tokens: int = 32768  # teacher sequence budget (y is cut in both copies to fit)
-    teacher_sync_every: int = 0  # copy the student into the teacher every N steps; 0 = frozen (default)
-    teacher_ema_decay: float = 0.0  # at a sync: teacher = d * teacher + (1 - d) * student; 0 = hard copy
+    truncated_rollouts: Literal["distill", "drop"] = (
+        "distill"  # y cut at max tokens: distil (reference) or skip
+    )
+    teacher_mode: Literal["frozen", "sync", "ema", "live"] = "frozen"  # frozen | sync | ema | live (below)
+    teacher_sync_every: int = 0  # sync: copy the student into the teacher every N steps
+    teacher_ema_decay: float = (
+        0.0  # ema: after every optimizer step, teacher = d * teacher + (1 - d) * student
+    )
     teacher_offload: bool = True  # GPU: move the teacher to CPU between scoring calls (colocated)
     val_period: int = 20  # steps between validations; 0 = none (start/end still run when val_data set)
     val_at_start: bool = True  # validate before the first step
@@ -165,6 +202,10 @@ class SelfDistillationConfig:
     keep_last: int = 2  # newest checkpoints kept, plus the best by validation accuracy
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # learner: auto = bf16 compute on CUDA
     activation_checkpointing: bool = True  # learner: recompute decoder layers in backward
+    health_metrics: bool = True  # learner: gradient noise scale, weights changed, update ratio (health.py)
+    dump_every: int = 0  # steps between per-token KL dumps (dumps/step_N.jsonl.gz + .html); 0 = off
+    dump_per_reward: int = 4  # samples dumped per reward value (r=0, r=1) at a dump step
+    dump_max_tokens: int = 8192  # tokens kept per dumped sample
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # log to W&B when installed (WANDB_* env vars apply)
     wandb_project: str = "sd-zero"  # W&B project
@@ -194,6 +235,8 @@ class SelfDistillationConfig:
             "val_period",
             "save_period",
             "keep_last",
+            "dump_every",
+            "dump_per_reward",
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -205,14 +248,74 @@ class SelfDistillationConfig:
             )
         if self.max_total_sequence_length < 2 or self.max_teacher_tokens < 3:
             raise ConfigError("max_total_sequence_length >= 2 and max_teacher_tokens >= 3 required")
-        if not 0 <= self.teacher_ema_decay < 1:
-            raise ConfigError(f"teacher_ema_decay must be in [0, 1), got {self.teacher_ema_decay}")
+        self._check_teacher_mode()
+        self._check_objective()
         if self.sampling.n != 1:
             raise ConfigError("set num_generations_per_prompt, not sampling.n")
-        if self.teacher_context == "self_revision" and self.reward == "none":
+        from self_distillation.teacher_context import CONTEXTS_READING_REWARD
+
+        if self.teacher_context in CONTEXTS_READING_REWARD and self.reward == "none":
             raise ConfigError(
-                "teacher_context=self_revision picks P_r from the reward r: reward=none leaves it undefined"
+                f"teacher_context={self.teacher_context} reads the reward r (P_r or a correct sibling): "
+                "reward=none leaves it undefined"
             )
+
+    def _check_teacher_mode(self) -> None:
+        """frozen: never updated (SD-Zero, OPSD's fixed teacher; with LoRA and teacher = student, the base
+        weights with the adapter disabled); sync: a hard copy of the student every teacher_sync_every steps
+        (the paper's iterative self-evolution); ema: an EMA of the student after every optimizer step
+        (float32 shadow); live: the learner's current weights score the teacher sequences (no copy)."""
+        mode, every, decay = self.teacher_mode, self.teacher_sync_every, self.teacher_ema_decay
+        if not 0 <= decay < 1:
+            raise ConfigError(f"teacher_ema_decay must be in [0, 1), got {decay}")
+        if mode in ("frozen", "live") and (every or decay):
+            raise ConfigError(
+                f"teacher_mode={mode} never syncs the teacher: set teacher_mode=sync (teacher_sync_every) or "
+                "teacher_mode=ema (teacher_ema_decay)"
+            )
+        if mode == "sync" and (every < 1 or decay):
+            raise ConfigError("teacher_mode=sync needs teacher_sync_every >= 1 (and no teacher_ema_decay)")
+        if mode == "ema":
+            if not 0 < decay < 1 or every:
+                raise ConfigError(
+                    "teacher_mode=ema needs 0 < teacher_ema_decay < 1 (and no teacher_sync_every)"
+                )
+            if self.optimizer_steps_per_step != 1:
+                raise ConfigError(
+                    "teacher_mode=ema updates the teacher after every optimizer step, which the teacher sees as "
+                    "the step's final weights: use one optimizer step per step (train_global_batch_size=0)"
+                )
+
+    def _check_objective(self) -> None:
+        if self.objective != "grpo":
+            if self.teacher_context == "none":
+                raise ConfigError("teacher_context=none: only objective=grpo reads no teacher")
+            return
+        if self.teacher_context != "none":
+            raise ConfigError("objective=grpo reads no teacher context: set teacher_context=none")
+        if self.reward == "none" or self.num_generations_per_prompt < 2:
+            raise ConfigError("objective=grpo needs a reward and num_generations_per_prompt >= 2 (a group)")
+        if self.sampling.temperature != 1.0 or self.loss.temperature != 1.0:
+            raise ConfigError(
+                "objective=grpo takes its ratio against the rollout engine's log-probs, which are of the "
+                "untempered distribution: sampling.temperature and loss.temperature must be 1.0"
+            )
+        if self.teacher_mode != "frozen":
+            raise ConfigError("objective=grpo: the KL reference (grpo.kl_coef > 0) is a frozen teacher")
+
+    @property
+    def teacher_source(self) -> Literal["actor", "learner", "none"]:
+        """Who scores the teacher sequences: a teacher actor with its own weights, the learner (live; or
+        frozen LoRA with teacher = student: the base weights with the adapter disabled, no second copy), or
+        nobody (GRPO without a KL reference)."""
+        if self.objective == "grpo":
+            return "actor" if self.grpo.kl_coef > 0 else "none"
+        same = self.teacher.path == self.student.path
+        return (
+            "learner"
+            if self.teacher_mode == "live" or (self.lora.enabled and same and self.teacher_mode == "frozen")
+            else "actor"
+        )
 
     @property
     def samples_per_step(self) -> int:

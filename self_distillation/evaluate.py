@@ -45,6 +45,7 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
     save_prompt_spec,
 )
+from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.evaluate")
@@ -59,8 +60,9 @@ class EvalConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)  # used when prompt_source=config
     prompt_source: Literal["auto", "config"] = "auto"  # auto: model dir's sdzero_prompt.json, else prompt.*
-    sampling: SamplingConfig = field(  # n = samples per problem; the reference's validation decoding
-        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=4096, n=4)
+    sampling: SamplingConfig = field(  # n = samples per problem; T/top-p: the reference's validation
+        # decoding; max_tokens >= Phase 2's rollout budget (8192), so a model is not cut below its training length
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=8192, n=4)
     )
     grading: GradingConfig = field(default_factory=GradingConfig)
     dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
@@ -142,6 +144,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if _comparable(old.get("config", {})) == _comparable(to_dict(cfg)):
             log.info("reusing %s (same config)", out / SUMMARY_FILE)
             return old
+    try:
+        lock = acquire_run_lock(out, "evaluation")  # one run writes an output_dir at a time
+    except RunLockError as exc:
+        raise SystemExit(f"evaluate: {exc}") from None
+    with lock:
+        return _evaluate(cfg, out)
+
+
+def _evaluate(cfg: EvalConfig, out: Path) -> dict[str, Any]:
     problems, report = load_problems(cfg.dataset)
     if cfg.max_problems is not None:
         problems = problems[: cfg.max_problems]
@@ -159,10 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     prompt_cfg, prompt_source = resolve_prompt(cfg, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    save_run_config(cfg, out)
-    save_prompt_spec(out, tokenizer, prompt_cfg)
     backend = create_backend(cfg.model, cfg.backend)
+    save_run_config(cfg, out)  # the run's identity, once the model has loaded
+    save_prompt_spec(out, tokenizer, prompt_cfg)
     max_len = backend.max_model_len
     records: list[dict[str, Any]] = []
     skipped: list[int] = []  # problem indices whose prompt leaves no room to generate
@@ -204,9 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"no problem could be evaluated: all {len(skipped)} prompts exceed max_model_len={max_len}"
         )
     atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    from self_revision_training.shared.rewards.equivalence import AnswerEquivalence
+
+    with AnswerEquivalence(cfg.grading) as equivalent:  # maj@k: "0.5", "1/2", "\\frac{1}{2}" vote together
+        metrics = summarize(records, cfg.ks, majority=cfg.dataset.mode == "math", equivalent=equivalent)
     summary = {
         "label": cfg.label or Path(cfg.model.path).name,
-        **summarize(records, cfg.ks, majority=cfg.dataset.mode == "math"),
+        **metrics,
         "skipped_prompts": len(skipped),  # no room under max_model_len; not in any metric
         "skipped_problem_indices": skipped[:100],
         "model": cfg.model.path,
@@ -217,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mode": cfg.dataset.mode,
             "problems_loaded": report.loaded,
             "rows_skipped": report.skipped,
+            "duplicate_problems": report.duplicates,
             "problems_evaluated": len(problems),
         },
         "decoding": {

@@ -5,7 +5,8 @@ calls `summarize` on its per-sample records. The protocol follows the reference 
 original code has no benchmark evaluation, only avg@8 on AIME-2024 during training, so this project
 reports avg@k (mean accuracy over the k = n samples of each problem), pass@k with the unbiased estimator
 of Chen et al. (2021, "Evaluating Large Language Models Trained on Code", Eq. 1) and maj@k, under fixed,
-recorded decoding settings and the training prompt template.
+recorded decoding settings and the training prompt template. maj@k clusters the answers by an
+equivalence passed in (`evaluate` passes math-verify's), so equivalent forms ("0.5", "1/2") vote together.
 
     summary = summarize(records, ks=[1, 4])   # records: dicts as written to samples.jsonl
 
@@ -23,6 +24,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from self_revision_training.shared.answers import (
+    Equivalence,
+    cluster_answer_groups,
+    string_equivalence,
+    vote_key,
+)
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -87,49 +95,70 @@ def avg_at_k(correct: Sequence[Sequence[bool]]) -> AvgAtK:
 
 
 def normalize_vote(answer: str | None) -> str | None:
-    """The key a sample votes with: its extracted answer without any whitespace; None = no vote."""
-    if answer is None:
+    """The exact-match key a sample votes with: its extracted answer without whitespace; None = no vote."""
+    return vote_key(answer)
+
+
+def _majority_cluster(cluster_ids: Sequence[int | None]) -> int | None:
+    """The winning cluster among the votes (most members; a tie goes to the first seen); None = no votes."""
+    sizes = Counter(c for c in cluster_ids if c is not None)
+    if not sizes:
         return None
-    key = "".join(answer.split())
-    return key or None
+    first = {c: cluster_ids.index(c) for c in sizes}
+    return max(sizes, key=lambda c: (sizes[c], -first[c]))
 
 
-def majority_vote_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+def majority_vote_correct(
+    answers: Sequence[str | None], correct: Sequence[bool], equivalent: Equivalence | None = None
+) -> bool:
     """Whether one problem's majority answer is right.
 
-    Samples with no extracted answer do not vote; the answer with the most votes wins, a tie goes to
-    the answer that appeared first; the result is the grade of the first sample carrying the winning
-    answer (grades of equal answers agree unless a grader timed out). No votes at all is incorrect.
+    Answers are clustered by `equivalent` (math-verify equivalence in `evaluate`; default: equal text
+    without whitespace), so "0.5", "\\frac{1}{2}" and "1/2" vote together. Samples with no extracted
+    answer do not vote; the largest cluster wins, a tie goes to the cluster seen first; the result is the
+    grade of the first sample of the winning cluster (grades of equivalent answers agree unless a grader
+    timed out). No votes at all is incorrect.
     """
     if len(answers) != len(correct):
         raise ValueError(f"{len(answers)} answers but {len(correct)} grades")
-    counts: Counter[str] = Counter()
-    first: dict[str, int] = {}
-    for i, answer in enumerate(answers):
-        key = normalize_vote(answer)
-        if key is None:
-            continue
-        counts[key] += 1
-        first.setdefault(key, i)
-    if not counts:
-        return False
-    winner = max(counts, key=lambda key: (counts[key], -first[key]))
-    return bool(correct[first[winner]])
+    ids = cluster_answer_groups([list(answers)], equivalent or string_equivalence)[0]
+    return _correct_of_majority(ids, correct)
 
 
-def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]], k: int) -> float:
+def _correct_of_majority(cluster_ids: Sequence[int | None], correct: Sequence[bool]) -> bool:
+    winner = _majority_cluster(cluster_ids)
+    return winner is not None and bool(correct[list(cluster_ids).index(winner)])
+
+
+def maj_at_k(
+    answers: Sequence[Sequence[str | None]],
+    correct: Sequence[Sequence[bool]],
+    k: int,
+    equivalent: Equivalence | None = None,
+) -> float:
     """Majority-vote accuracy over the first k samples of each problem, averaged over problems.
 
     Args:
         answers: per problem, the extracted answer of each sample (None = none extracted).
         correct: per problem, the grade of each sample (same shape as `answers`).
         k: samples that vote (each problem needs >= k).
+        equivalent: batched answer equivalence (`answers.Equivalence`); None = equal text.
     """
     if not answers or len(answers) != len(correct):
         raise ValueError("maj@k needs one row of answers and one of grades per problem (>= 1 problem)")
     if k < 1 or any(len(row) < k for row in answers):
         raise ValueError(f"maj@k needs 1 <= k <= samples per problem, got k={k}")
-    hits = [majority_vote_correct(a[:k], c[:k]) for a, c in zip(answers, correct, strict=True)]
+    return _maj_at_k_from_clusters(
+        cluster_answer_groups([list(a[:k]) for a in answers], equivalent or string_equivalence), correct, k
+    )
+
+
+def _maj_at_k_from_clusters(
+    cluster_ids: Sequence[Sequence[int | None]], correct: Sequence[Sequence[bool]], k: int
+) -> float:
+    # Clustering is first-seen greedy, so the clusters of the first k samples are a prefix of the
+    # clusters of all n: one clustering pass serves every k.
+    hits = [_correct_of_majority(ids[:k], c[:k]) for ids, c in zip(cluster_ids, correct, strict=True)]
     return sum(hits) / len(hits)
 
 
@@ -145,7 +174,12 @@ def group_by_problem(records: Sequence[dict[str, Any]]) -> dict[int, list[dict[s
     return groups
 
 
-def summarize(records: Sequence[dict[str, Any]], ks: Sequence[int], majority: bool = True) -> dict[str, Any]:
+def summarize(
+    records: Sequence[dict[str, Any]],
+    ks: Sequence[int],
+    majority: bool = True,
+    equivalent: Equivalence | None = None,
+) -> dict[str, Any]:
     """Aggregate per-sample records (samples.jsonl) into the evaluation summary.
 
     Args:
@@ -153,6 +187,8 @@ def summarize(records: Sequence[dict[str, Any]], ks: Sequence[int], majority: bo
             reason; every problem must have the same number n of samples.
         ks: budgets for pass@k and maj@k; those above n are left out and listed in `ks_omitted`.
         majority: compute maj@k (math answers); False for code, whose `extracted` is no answer.
+        equivalent: answer equivalence for maj@k's clusters (`evaluate` passes math-verify's,
+            `rewards.equivalence.AnswerEquivalence`); None = equal text without whitespace.
     Returns:
         num_problems, num_samples, samples_per_problem, avg@k {k, mean, ci_low, ci_high, stderr},
         pass@k and maj@k ({str(k): value}), ks_omitted, mean_response_tokens, truncation_rate,
@@ -171,7 +207,10 @@ def summarize(records: Sequence[dict[str, Any]], ks: Sequence[int], majority: bo
     avg = avg_at_k(correct)
     kept = sorted({int(k) for k in ks if 1 <= int(k) <= n})
     pass_k = {str(k): sum(pass_at_k(n, sum(row), k) for row in correct) / len(correct) for k in kept}
-    maj_k = {str(k): maj_at_k(answers, correct, k) for k in kept} if majority else {}
+    maj_k = {}
+    if majority and kept:
+        clusters = cluster_answer_groups(answers, equivalent or string_equivalence)
+        maj_k = {str(k): _maj_at_k_from_clusters(clusters, correct, k) for k in kept}
     return {
         "num_problems": len(rows),
         "num_samples": len(records),

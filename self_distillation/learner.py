@@ -10,6 +10,8 @@ places it, tests build it directly.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,13 +24,16 @@ import torch
 
 from self_distillation.config import SelfDistillationConfig
 from self_distillation.losses import Divergence
-from self_distillation.objectives import build_objective
+from self_distillation.objectives import build_objective, student_batch
 from self_distillation.rollout_data import LearnerSample
+from self_distillation.teacher import score_chunk
 from self_revision_training.shared import checkpoints
 from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.lora import adapters_disabled, apply_lora, merge_lora_state
 from self_revision_training.shared.storage import atomic_write_json
 from self_revision_training.shared.target_logits import TargetLogitsLM
 from self_revision_training.shared.training import (
+    HealthProbe,
     MicroBatch,
     load_causal_lm,
     resolve_dtype,
@@ -63,6 +68,8 @@ class Learner:
 
         causal_lm = load_causal_lm(cfg.student, resolve_dtype(cfg.student.dtype))
         causal_lm.config.use_cache = False
+        if cfg.lora.enabled:
+            apply_lora(causal_lm, cfg.lora)
         self.hf_config = AutoConfig.from_pretrained(
             cfg.student.path, trust_remote_code=cfg.student.trust_remote_code
         )
@@ -70,7 +77,12 @@ class Learner:
             cfg.student.path, trust_remote_code=cfg.student.trust_remote_code
         )
         self.tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
-        self.objective = build_objective(cfg.objective, Divergence.from_config(cfg.loss), len(self.tokenizer))
+        self.divergence = Divergence.from_config(cfg.loss)
+        self.objective = build_objective(
+            cfg.objective, self.divergence, causal_lm.config.vocab_size, cfg.grpo
+        )
+        if cfg.teacher_source == "learner" and self.divergence.top_k is None:
+            self.objective.set_teacher_lm_head(None)  # the teacher's logits use the learner's own lm_head
         self.model = TargetLogitsLM(causal_lm, cfg.loss.chunk_size)
         mixed = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and use_cuda)
         dist_utils.wrap_fsdp(
@@ -82,11 +94,24 @@ class Learner:
         self.model.train()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],  # with LoRA: the adapters only
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_multiplier(step, o.warmup_steps, o.warmup_start_factor)
         )
+        self.health = (
+            HealthProbe(forward_dtype=torch.bfloat16 if mixed else None, num_sequences=len)
+            if cfg.health_metrics
+            else None
+        )
+
+    def set_teacher_lm_head(self, weight: torch.Tensor) -> None:
+        """The teacher's [V, H] lm_head, for full-vocabulary distillation (`objectives.py`)."""
+        self.objective.set_teacher_lm_head(weight.to(self.device))
 
     @property
     def pad_id(self) -> int:
@@ -94,11 +119,60 @@ class Learner:
 
     # -- training
 
+    @torch.no_grad()
+    def score_teacher(self, samples: list[LearnerSample]) -> list[dict[str, Any]]:
+        """The teacher outputs of `samples`' teacher sequences with this learner's weights: the current ones
+        (teacher_mode=live) or the base weights with the LoRA adapters disabled (frozen LoRA teacher)."""
+        if not samples:
+            return []
+        batch = student_batch(
+            [LearnerSample(s.teacher_ids, s.teacher_mask, s.reward, None) for s in samples], 0, self.device
+        )
+        next_mask = batch["target_mask"][:, 1:].bool()
+        base = self.cfg.teacher_mode == "frozen"
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model) if base else contextlib.nullcontext():
+                chunks, _ = self.model(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["position_ids"],
+                    next_mask,
+                    score_chunk,
+                    (),
+                    (self.divergence,),
+                )
+        finally:
+            self.model.train()
+        merged = {k: None if chunks[0][k] is None else torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        out, offset = [], 0
+        for s in samples:
+            n = sum(s.teacher_mask)
+            out.append({k: None if v is None else v[offset : offset + n] for k, v in merged.items()})
+            offset += n
+        return out
+
+    @torch.no_grad()
+    def dump_tokens(self, samples: list[LearnerSample]) -> list[Any]:
+        """All ranks, the same samples (FSDP collectives): per-token KL and top-5 of student and teacher at the
+        current weights (`localization.TokenFields`), for the token dumps."""
+        from self_distillation.localization import score_dump_samples
+
+        if samples and samples[0].teacher is None:  # learner-scored teacher: score copies
+            scores = self.score_teacher(samples)
+            samples = [dataclasses.replace(s, teacher=t) for s, t in zip(samples, scores, strict=True)]
+        weight = self.objective.teacher_weight if self.divergence.top_k is None else None
+        return score_dump_samples(self.model, samples, self.pad_id, self.device, self.divergence, weight)
+
     def train_step(self, plan: list[list[list[LearnerSample]]]) -> dict[str, float]:
         """plan[optimizer step][micro-batch] = this rank's samples. Returns summed statistics (all ranks)."""
         stats = self.objective.new_stats()
-        losses, grad_norms, lrs, num_tokens = [], [], [], 0.0
+        losses, grad_norms, lrs, num_tokens, health = [], [], [], 0.0, []
         for micro_batches in plan:
+            for samples in micro_batches:  # learner-scored teacher: with the weights of this optimizer step
+                if samples and samples[0].teacher is None:
+                    for sample, teacher in zip(samples, self.score_teacher(samples), strict=True):
+                        sample.teacher = teacher
             lrs.append(self.scheduler.get_last_lr()[0])
             result = run_optimizer_step(
                 self.model,
@@ -107,22 +181,25 @@ class Learner:
                 forward=lambda samples: self.objective.micro_batch_loss(
                     self.model, samples, self.pad_id, self.device
                 ),
-                count=lambda samples: [float(sum(s.num_targets for s in samples))],
+                count=self.objective.count,
                 max_grad_norm=self.cfg.optim.max_grad_norm,
                 device=self.device,
+                health=self.health,
             )
             self.scheduler.step()
+            health.append(result.health)
             for samples, values in zip(micro_batches, result.outputs, strict=True):
                 self.objective.add_stats(stats, samples, values)
             losses.append(result.loss)
             grad_norms.append(result.grad_norm)
             num_tokens += result.counts[0]
-        for reduce in ("sum", "max"):
+        for reduce in ("sum", "max", "min"):
             stats.set_from_tensor(
                 dist_utils.all_reduce(stats.to_tensor(reduce).to(self.device), op=reduce).cpu(), reduce
             )
         return {
             **stats.metrics(),
+            **{f"train/{k}": v for k, v in health[-1].items()},  # the step's last optimizer step
             "loss": sum(losses) / len(losses),
             "grad_norm": grad_norms[-1],
             "lr": lrs[0],
@@ -152,7 +229,8 @@ class Learner:
 
         full = dist_utils.get_full_state_dict(self.model)
         if self.rank == 0:
-            state = {k.removeprefix("causal_lm."): v.contiguous() for k, v in full.items()}
+            state = self._export_state({k.removeprefix("causal_lm."): v for k, v in full.items()})
+            state = {k: v.contiguous() for k, v in state.items()}
             if self.tied:
                 state.pop("lm_head.weight", None)  # the engine re-ties it to the embedding
             out = Path(directory)
@@ -170,11 +248,16 @@ class Learner:
         checkpoints.save_training_state(directory, self.model, self.optimizer)
         if self.rank == 0:
             atomic_write_json(Path(directory) / "scheduler.json", self.scheduler.state_dict())
+            if self.health is not None:
+                atomic_write_json(Path(directory) / "health.json", self.health.noise.state_dict())
         dist_utils.barrier()
 
     def load_checkpoint(self, directory: str) -> None:
         checkpoints.load_training_state(directory, self.model, self.optimizer)
         self.scheduler.load_state_dict(json.loads((Path(directory) / "scheduler.json").read_text()))
+        health = Path(directory) / "health.json"
+        if self.health is not None and health.is_file():  # the noise-scale EMA continues
+            self.health.noise.load_state_dict(json.loads(health.read_text()))
 
     def export_hf(self, directory: str, prompt_spec: dict[str, Any]) -> None:
         """All ranks: the consolidated Hugging Face directory (+ sdzero_prompt.json)."""
@@ -182,15 +265,27 @@ class Learner:
         def extra(path: Path) -> None:
             atomic_write_json(path / "sdzero_prompt.json", prompt_spec)
 
+        from transformers import GenerationConfig
+
+        try:  # the student's EOS set etc., as SFT's final/ carries it (vLLM reads it at evaluation)
+            generation_config = GenerationConfig.from_pretrained(self.cfg.student.path)
+        except OSError:
+            generation_config = None
         checkpoints.save_hf_export(
             self.model,
             directory,
             self.hf_config,
             self.tokenizer,
             save_dtype=resolve_dtype(getattr(self.hf_config, "dtype", None)),
+            generation_config=generation_config,
             strip_prefix="causal_lm.",
             extra_files=extra,
+            transform=self._export_state,
         )
+
+    def _export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the rollout engine and final/ receive: the plain model's weights (LoRA merged in)."""
+        return merge_lora_state(state, self.cfg.lora) if self.cfg.lora.enabled else state
 
     def get_state(self) -> dict[str, Any]:
         """Full model + optimizer + scheduler state on CPU (tests compare runs with it)."""

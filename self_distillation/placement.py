@@ -23,7 +23,7 @@ Driver usage (after `ray.init(address=cfg.ray.address)`; every actor is created 
     engines = [ray.remote(**plan.options("rollout", e))(RolloutWorker).remote(cfg.student, backend)
                for e in range(plan.num_rollout_engines)]
     teacher = ray.remote(**plan.options("teacher", 0, env_vars=threads))(Teacher).remote(...)
-    verifier = ray.remote(**plan.options("verifier", 0))(VerifierPool).remote(...)
+    reward = ray.remote(**plan.options("reward", 0))(RewardWorker).remote(...)
     learners = [ray.remote(**plan.options("learner", r, env_vars=threads))(Learner).remote(cfg, r, n) ...]
     print(plan.format_table())
     ...; kill the actors; plan.remove()
@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from self_distillation.config import RayConfig
 
-Role = Literal["learner", "rollout", "teacher", "verifier"]
-ROLES: tuple[Role, ...] = ("learner", "rollout", "teacher", "verifier")
+Role = Literal["learner", "rollout", "teacher", "reward"]
+ROLES: tuple[Role, ...] = ("learner", "rollout", "teacher", "reward")
 # colocated: GPU fractions inside one bundle (Ray bookkeeping only; memory is shared by sleep/offload)
 COLOCATED_GPU_SHARES = {"learner": 0.5, "rollout": 0.25, "teacher": 0.25}
 _EPS = 1e-9  # float slack when summing GPU shares of a bundle
@@ -135,7 +135,7 @@ def plan_bundles(
         )
     if placement not in ("colocated", "split"):
         raise ValueError(f"ray.placement must be colocated or split, got {placement!r}")
-    verifier = Slot("verifier", 0, (), 0.0)
+    verifier = Slot("reward", 0, (), 0.0)
     if num_gpus == 0:
         slots = [Slot("learner", r, (), 0.0) for r in range(n_learn)]
         slots += [Slot("rollout", e, (), 0.0) for e in range(n_eng)]
@@ -210,7 +210,7 @@ class PlacementPlan:
         env = dict(env_vars or {})
         cpus = self.learner_cpus if role == "learner" else 0.0
         opts: dict[str, Any] = {"num_cpus": cpus}
-        if role != "verifier":
+        if role != "reward":
             opts["num_gpus"] = 0.0
         if self.placement_group is not None and slot.bundles:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

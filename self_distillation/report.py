@@ -38,7 +38,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     maj_ks = sorted({int(k) for row in rows for k in row.get("maj@k", {})})
     ns = {row["samples_per_problem"] for row in rows}
     avg_name = f"avg@{ns.pop()} (95% CI)" if len(ns) == 1 else "avg@n (95% CI)"
-    header = ["model", "problems", "n", avg_name]
+    temps = [row.get("decoding", {}).get("temperature") for row in rows]
+    show_t = len(set(temps)) > 1  # a temperature sweep (eval.sh TEMPERATURES): one column for T
+    header = ["model", "problems", "n", *(["T"] if show_t else []), avg_name]
     header += [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in maj_ks] + ["len", "trunc"]
     table = [header]
     for i, row in enumerate(rows):
@@ -47,6 +49,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             str(row["num_problems"]),
             str(row["samples_per_problem"]),
         ]
+        if show_t:
+            cells.append("-" if temps[i] is None else f"{temps[i]:g}")
         cells.append(_avg_cell(row["avg@k"]))
         cells += [_pct(row.get("pass@k", {}).get(str(k))) for k in ks]
         cells += [_pct(row.get("maj@k", {}).get(str(k))) for k in maj_ks]
@@ -114,13 +118,66 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path
     return png_path
 
 
+LOCALIZATION_CURVES = (
+    ("top5_share", "KL share of the top 5% tokens"),
+    ("top10_share", "KL share of the top 10% tokens"),
+    ("gini", "Gini of per-token KL"),
+    ("answer_kl_share", "KL share on final-answer tokens"),
+)
+
+
+def plot_localization_curves(
+    metrics_path: str | Path, png_path: str | Path, prefix: str = "localization"
+) -> Path:
+    """Concentration of the teacher-student KL by r over training (keys f"{prefix}/r{0,1}/{stat}" of
+    `localization.compute_localization_metrics`, logged on dump steps) from metrics.jsonl to a PNG."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line]
+    rows = [r for r in rows if any(k.startswith(f"{prefix}/") for k in r)]
+    if not rows:
+        raise ValueError(f"{metrics_path}: no {prefix}/* metrics to plot (no dump steps)")
+    fig, axes = plt.subplots(1, len(LOCALIZATION_CURVES), figsize=(4 * len(LOCALIZATION_CURVES), 3.2))
+    for ax, (stat, title) in zip(axes, LOCALIZATION_CURVES, strict=True):
+        plotted = False
+        for r, color in (("r0", "tab:red"), ("r1", "tab:blue")):
+            key = f"{prefix}/{r}/{stat}"
+            points = [
+                (row["step"], row[key])
+                for row in rows
+                if isinstance(row.get(key), int | float) and not math.isnan(row[key])
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=color, label=r.replace("r", "r="))
+                plotted = True
+        if plotted:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
 def main(argv: list[str] | None = None) -> str:
-    """`python -m self_distillation.report SUMMARY_OR_DIR ... [--plot METRICS.jsonl OUT.png]`"""
+    """`python -m self_distillation.report SUMMARY_OR_DIR ... [--plot METRICS.jsonl OUT.png]
+    [--plot-localization METRICS.jsonl OUT.png]`"""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--plot" in args:
-        i = args.index("--plot")
-        print(f"wrote {plot_training_curves(args[i + 1], args[i + 2])}", file=sys.stderr)
-        del args[i : i + 3]
+    for flag, plot in (("--plot", plot_training_curves), ("--plot-localization", plot_localization_curves)):
+        if flag in args:
+            i = args.index(flag)
+            print(f"wrote {plot(args[i + 1], args[i + 2])}", file=sys.stderr)
+            del args[i : i + 3]
     if not args:
         raise SystemExit(
             "usage: python -m self_distillation.report SUMMARY_OR_DIR [...] [--plot METRICS PNG]"

@@ -38,6 +38,7 @@ class RolloutItem:
     budget_truncated: bool  # y was cut to fit max_teacher_tokens
     policy_version: int = 0  # rollout engine weights version that sampled y
     context_info: dict[str, float] = field(default_factory=dict)  # per-sample facts of the teacher context
+    advantage: float | None = None  # policy-gradient objectives (GRPO)
 
     @property
     def num_targets(self) -> int:
@@ -53,6 +54,9 @@ class LearnerSample:
     reward: bool  # r
     rollout_logprobs: list[float] | None  # engine log-probs of y's tokens (raw distribution)
     teacher: dict[str, Any] | None = None  # Teacher.score output for this sample (distillation)
+    teacher_ids: list[int] | None = None  # the teacher sequence, when the learner scores it itself
+    teacher_mask: list[int] | None = None
+    advantage: float | None = None  # policy-gradient objectives (GRPO): the sample's advantage
 
     @property
     def num_targets(self) -> int:
@@ -98,6 +102,8 @@ def build_rollout_items(
     verdicts: list[list[Verdict]],
     *,
     policy_version: int = 0,
+    drop_truncated: bool = False,
+    advantages: list[list[float]] | None = None,
 ) -> tuple[list[RolloutItem], dict[str, int]]:
     """Student/teacher pairs for every usable sample, from the teacher context.
 
@@ -105,14 +111,28 @@ def build_rollout_items(
         problems: per prompt, its problem; prompt_ids: per prompt, the student's chat(x) token ids.
         samples: per prompt, per sample (token ids of y, text, finish reason, engine log-probs or None).
         verdicts: per prompt, per sample, the reward source's verdict.
+        drop_truncated: skip samples cut at the sampling budget (finish reason "length"; counted as
+            truncated_rollout) instead of distilling them (a cut y is usually graded r=0 for lack of an answer).
+        advantages: per prompt, per sample, a policy-gradient objective's advantage (GRPO), or None.
     Returns:
-        (items, skipped counts by reason; empty_response and no_teacher_budget always present)
+        (items, skipped counts by reason; empty_response, no_teacher_budget, truncated_rollout always present)
     """
     items: list[RolloutItem] = []
-    skipped = {"empty_response": 0, "no_teacher_budget": 0}
-    for problem, prompt, row, row_verdicts in zip(problems, prompt_ids, samples, verdicts, strict=True):
+    skipped = {"empty_response": 0, "no_teacher_budget": 0, "truncated_rollout": 0}
+    advantages = advantages or [[None] * len(row) for row in samples]
+    for problem, prompt, row, row_verdicts, row_adv in zip(
+        problems, prompt_ids, samples, verdicts, advantages, strict=True
+    ):
         group = [GroupSample(ids, text, v) for (ids, text, _, _), v in zip(row, row_verdicts, strict=True)]
-        for (token_ids, _, finish_reason, logprobs), verdict in zip(row, row_verdicts, strict=True):
+        for (token_ids, _, finish_reason, logprobs), verdict, advantage in zip(
+            row, row_verdicts, row_adv, strict=True
+        ):
+            if verdict.skip is not None:  # no usable r (e.g. a tied vote): never distil it with a made-up cue
+                skipped[verdict.skip] = skipped.get(verdict.skip, 0) + 1
+                continue
+            if drop_truncated and finish_reason == "length" and token_ids:
+                skipped["truncated_rollout"] += 1
+                continue
             result = context.build(problem, prompt, token_ids, verdict, group)
             if result.pair is None:
                 reason = result.skip_reason or "no_teacher_budget"
@@ -132,6 +152,7 @@ def build_rollout_items(
                     budget_truncated=pair.truncated,
                     policy_version=policy_version,
                     context_info=dict(result.info),
+                    advantage=advantage,
                 )
             )
     return items, skipped

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,23 @@ import torch
 from self_distillation.rollout_data import RolloutItem
 
 
+class _Reduced:
+    """Named statistics all-reduced over ranks as tensors, one per reduction (field metadata "reduce")."""
+
+    def _names(self, reduce: str) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.metadata.get("reduce", "sum") == reduce]  # type: ignore[arg-type]
+
+    def to_tensor(self, reduce: str = "sum") -> torch.Tensor:
+        """The fields all-reduced with `reduce` ("sum", "max" or "min") as one float64 tensor."""
+        return torch.tensor([getattr(self, n) for n in self._names(reduce)], dtype=torch.float64)
+
+    def set_from_tensor(self, values: torch.Tensor, reduce: str = "sum") -> None:
+        for name, value in zip(self._names(reduce), values.tolist(), strict=True):
+            setattr(self, name, float(value))
+
+
 @dataclass
-class DistillationStats:
+class DistillationStats(_Reduced):
     """Sums over this rank's samples (then over all ranks) of one learner step."""
 
     kl_sum: float = 0.0
@@ -72,17 +88,6 @@ class DistillationStats:
         self.clip_entries_total += n * entries_per_token
         self.clipped_tokens += float(clipped_token.sum())
 
-    def _names(self, reduce: str) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if f.metadata.get("reduce", "sum") == reduce]
-
-    def to_tensor(self, reduce: str = "sum") -> torch.Tensor:
-        """The fields all-reduced with `reduce` ("sum" or "max") as one float64 tensor."""
-        return torch.tensor([getattr(self, n) for n in self._names(reduce)], dtype=torch.float64)
-
-    def set_from_tensor(self, values: torch.Tensor, reduce: str = "sum") -> None:
-        for name, value in zip(self._names(reduce), values.tolist(), strict=True):
-            setattr(self, name, float(value))
-
     def metrics(self) -> dict[str, float]:
         """Token means; NaN where nothing was counted (e.g. no r=1 sample this step)."""
 
@@ -106,12 +111,55 @@ class DistillationStats:
 
 
 @dataclass
+class PolicyStats(_Reduced):
+    """GRPO's learner statistics: ratio, clipping, entropy, KL to the reference, engine-vs-learner gap."""
+
+    tokens: float = 0.0
+    ratio_sum: float = 0.0
+    clipped: float = 0.0
+    entropy_sum: float = 0.0
+    kl_sum: float = 0.0
+    rollout_logprob_abs_diff_sum: float = 0.0
+    ratio_max: float = field(default=-math.inf, metadata={"reduce": "max"})
+    ratio_min: float = field(default=math.inf, metadata={"reduce": "min"})
+
+    def add_sample(self, values: dict[str, torch.Tensor], rollout_logprobs: list[float] | None) -> None:
+        n = values["ratio"].numel()
+        if not n:
+            return
+        ratio = values["ratio"].double()
+        self.tokens += n
+        self.ratio_sum += float(ratio.sum())
+        self.ratio_max = max(self.ratio_max, float(ratio.max()))
+        self.ratio_min = min(self.ratio_min, float(ratio.min()))
+        self.clipped += float(values["clipped"].sum())
+        self.entropy_sum += float(values["entropy"].double().sum())
+        self.kl_sum += float(values["kl"].double().sum())
+        if rollout_logprobs is not None:
+            diff = torch.tensor(rollout_logprobs, dtype=torch.float64) - values["logprobs"].double()
+            self.rollout_logprob_abs_diff_sum += float(diff.abs().sum())
+
+    def metrics(self) -> dict[str, float]:
+        n = self.tokens or math.nan
+        return {
+            "train/ratio_mean": self.ratio_sum / n,
+            "train/ratio_max": self.ratio_max if self.tokens else math.nan,
+            "train/ratio_min": self.ratio_min if self.tokens else math.nan,
+            "train/clip_fraction": self.clipped / n,
+            "train/entropy": self.entropy_sum / n,
+            "train/kl_to_reference": self.kl_sum / n,
+            "train/rollout_minus_learner_logprob_abs_mean": self.rollout_logprob_abs_diff_sum / n,
+        }
+
+
+@dataclass
 class StepStats:
     """Per-step rollout statistics (the learner's loss/KL metrics are merged in by the driver)."""
 
     rewards: list[bool] = field(default_factory=list)
     response_lengths: list[int] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    grade_reasons: list[str] = field(default_factory=list)  # the reward source's verdict reasons
 
 
 def compute_rollout_metrics(
@@ -130,4 +178,19 @@ def compute_rollout_metrics(
         "train/num_samples": float(len(stats.rewards)),
         "train/num_items": float(len(items)),
         **{f"train/skipped_{k}": float(v) for k, v in skipped.items()},
+        **{f"train/grade_reason/{k}": v / n for k, v in sorted(Counter(stats.grade_reasons).items())},
+        **_context_metrics(items, n),
+    }
+
+
+def _context_metrics(items: list[RolloutItem], num_samples: int) -> dict[str, float]:
+    """Teacher-context facts: the share of samples with a usable privileged context (a reference solution,
+    a successful sibling) and, among those, the share whose privileged text was cut to fit the budget."""
+    privileged = sum(i.context_info.get("privileged", 0.0) for i in items)
+    if not privileged:
+        return {}
+    truncated = sum(i.context_info.get("privileged_truncated", 0.0) for i in items)
+    return {
+        "train/privileged_context_fraction": privileged / num_samples,
+        "train/privileged_truncation_rate": truncated / privileged,
     }

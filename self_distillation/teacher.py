@@ -1,9 +1,15 @@
 """The Phase-2 teacher: scores teacher sequences at their target positions only (no grad, eval mode).
 
 Per sequence it returns, for each of its n target tokens in order, the teacher's distribution at the
-divergence's temperature as top-k ids + log-probs (`top_k` set; the reference's default k=64) or full
-log-probs (`top_k=None`), plus the raw (temperature 1) log-prob of the target token for the gap metric.
-Only the target positions go through the lm_head (`target_logits.select_target_rows`).
+divergence's temperature as top-k ids + log-probs (`top_k` set; the reference's default k=64), plus the raw
+(temperature 1) log-prob of the target token for the gap metric. Only the target positions go through the
+lm_head (`target_logits.select_target_rows`).
+
+Full vocabulary (`top_k=None`, the paper's objective): [n, V] float32 log-probs would be ~0.6 MB per target
+token for a 151,936-entry vocabulary (~230 GB for a 128-sample step of 3k tokens). The teacher sends its
+final hidden states at the target positions instead ([n, H] in its compute dtype: 2 KB per token for H=1024
+in bf16), and the learner computes the teacher's logits chunk by chunk with the teacher's lm_head
+(`lm_head_weight`, sent to the learners once per weights version) inside its loss (`objectives.py`).
 
 Weights: frozen by default; `load_weights` copies (or EMA-blends) the student's weights in for the
 teacher-sync ablation. A plain class: `actors.py` places it with Ray, tests build it directly.
@@ -21,6 +27,8 @@ from self_revision_training.shared.config import ModelConfig
 from self_revision_training.shared.target_logits import check_plain_lm_head, select_target_rows, upcast_logits
 from self_revision_training.shared.training import load_causal_lm, resolve_dtype
 
+EMA_SHADOW_FILE = "ema_shadow.fp32"  # not *.safetensors: load_weights_dir reads only the weights
+
 
 def load_weights_dir(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the *.safetensors files in `directory`."""
@@ -30,6 +38,33 @@ def load_weights_dir(directory: str | Path) -> dict[str, torch.Tensor]:
     for path in sorted(Path(directory).glob("*.safetensors")):
         state.update(load_file(str(path)))
     return state
+
+
+def teacher_outputs(
+    logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, div: Divergence
+) -> dict[str, torch.Tensor | None]:
+    """What the teacher sends for n target tokens, from its [n, V] logits (float32+) and [n, H] rows.
+
+    Top-k: {"ids" [n, k] int32, "logprobs" [n, k] at div.temperature, "target_logprobs" [n] raw}; full
+    vocabulary (div.top_k None): {"ids": None, "hidden" [n, H], "target_logprobs"} (module docstring).
+    """
+    raw = logits.log_softmax(-1)
+    target_lp = raw.gather(-1, targets[:, None]).squeeze(-1)
+    if div.top_k is None:  # the learner computes the logits from these rows
+        return {"ids": None, "hidden": rows, "target_logprobs": target_lp}
+    scaled = raw if div.temperature == 1.0 else (logits / div.temperature).log_softmax(-1)
+    if div.top_k < scaled.shape[-1]:
+        values, ids = scaled.topk(div.top_k, dim=-1)
+    else:  # k >= V: the whole (sorted) vocabulary
+        values, ids = scaled.sort(dim=-1, descending=True)
+    return {"ids": ids.int(), "logprobs": values, "target_logprobs": target_lp}
+
+
+def score_chunk(
+    rows: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, div: Divergence
+) -> dict[str, torch.Tensor | None]:
+    """`target_logits.map_chunks` function: the teacher outputs of one chunk of target rows."""
+    return teacher_outputs(upcast_logits(lm_head(rows)), rows, targets, div)
 
 
 class Teacher:
@@ -51,6 +86,7 @@ class Teacher:
         self.offload = offload and self.device.type == "cuda"  # colocated GPU runs: free memory when idle
         self.micro_batch_size = micro_batch_size
         self.model.to("cpu" if self.offload else self.device)
+        self._shadow: dict[str, torch.Tensor] = {}  # float32 EMA shadow (teacher sync with ema_decay > 0)
 
     @torch.no_grad()
     def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[dict[str, torch.Tensor | None]]:
@@ -59,7 +95,6 @@ class Teacher:
         if self.offload:
             self.model.to(self.device)
         results = []
-        temperature, top_k = self.divergence.temperature, self.divergence.top_k
         for start in range(0, len(sequences), self.micro_batch_size):
             chunk = sequences[start : start + self.micro_batch_size]
             batch = {k: v.to(self.device) for k, v in collate_sequences(chunk, 0).items()}
@@ -75,36 +110,46 @@ class Teacher:
                     batch["input_ids"][row : row + 1, 1:],
                     batch["target_mask"][row : row + 1, 1:].bool(),
                 )
-                logits = upcast_logits(self.model.lm_head(rows))  # [n, V]
-                raw = logits.log_softmax(-1)
-                target_lp = raw.gather(-1, targets[:, None]).squeeze(-1)
-                scaled = raw if temperature == 1.0 else (logits / temperature).log_softmax(-1)
-                if top_k is not None and top_k < scaled.shape[-1]:
-                    values, ids = scaled.topk(top_k, dim=-1)
-                    results.append(
-                        {"ids": ids.int().cpu(), "logprobs": values.cpu(), "target_logprobs": target_lp.cpu()}
-                    )
-                else:
-                    results.append(
-                        {"ids": None, "logprobs": scaled.cpu(), "target_logprobs": target_lp.cpu()}
-                    )
+                out = score_chunk(rows, self.model.lm_head, targets, self.divergence)
+                results.append({k: None if v is None else v.cpu() for k, v in out.items()})
         if self.offload:
             self.model.to("cpu")
         return results
 
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H] the lm_head weight on CPU, for a learner computing full-vocabulary teacher logits."""
+        head = self.model.lm_head
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("the teacher's lm_head has a bias; the full-vocabulary path assumes none")
+        return head.weight.detach().cpu()
+
     def load_weights(self, weights_dir: str, ema_decay: float = 0.0) -> None:
-        """Teacher sync: copy (ema_decay 0) or EMA-blend the student's weights into the teacher."""
+        """Teacher sync: copy (ema_decay 0) or EMA-blend the student's weights into the teacher.
+
+        The EMA runs on a float32 shadow of every weight (created at the first blend from the teacher's
+        current weights), and the teacher computes with the shadow rounded to its dtype: in bf16 storage,
+        a blend with decay 0.99 moves most weights by less than half a unit in the last place, so an EMA
+        computed in bf16 would leave them unchanged (audit finding 13).
+        """
         state = load_weights_dir(weights_dir)
         own = self.model.state_dict()
         with torch.no_grad():
             for key, value in state.items():
                 target = own[key]
-                value = value.to(target.device, target.dtype)
-                target.copy_(value if ema_decay == 0 else ema_decay * target + (1 - ema_decay) * value)
+                if ema_decay == 0:
+                    target.copy_(value.to(target.device, target.dtype))
+                    self._shadow.pop(key, None)
+                    continue
+                shadow = self._shadow.get(key)
+                if shadow is None:
+                    shadow = self._shadow[key] = target.detach().to(torch.float32).clone()
+                shadow.mul_(ema_decay).add_(value.to(shadow.device, torch.float32), alpha=1 - ema_decay)
+                target.copy_(shadow)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
     def save_weights(self, directory: str) -> None:
+        """The teacher's weights (and its float32 EMA shadow, when there is one) for a checkpoint."""
         from safetensors.torch import save_file
 
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -112,3 +157,14 @@ class Teacher:
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(Path(directory) / "model.safetensors"))
+        if self._shadow:
+            shadow = {k: v.cpu().contiguous() for k, v in self._shadow.items()}
+            save_file(shadow, str(Path(directory) / EMA_SHADOW_FILE))
+
+    def restore_weights(self, directory: str) -> None:
+        """Inverse of `save_weights` (resume): the weights exactly, and the EMA shadow when saved."""
+        from safetensors.torch import load_file
+
+        self.load_weights(directory, 0.0)
+        shadow_file = Path(directory) / EMA_SHADOW_FILE
+        self._shadow = dict(load_file(str(shadow_file))) if shadow_file.is_file() else {}

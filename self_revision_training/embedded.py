@@ -20,8 +20,10 @@ Task: `write_task(...)` writes disjoint train / held-out JSONL files of reasonin
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
+import operator
 import shutil
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from self_revision_training.shared.storage import atomic_write_text
@@ -137,29 +140,81 @@ def prepare_model(name: str, cache_dir: str | Path) -> Path:
     return out
 
 
+def _number(value: Fraction) -> str:
+    text = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    return f"({text})" if value < 0 else text
+
+
+def worked_solution(expression: str, answer: str) -> str:
+    """A step-by-step worked solution of an arithmetic expression (+ - * / and parentheses), one operation
+    a line in evaluation order, ending in the boxed answer; checked against `answer` (a reference solution
+    for teacher contexts that read one, e.g. OPSD)."""
+    ops = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
+           ast.Div: ("/", operator.truediv)}  # fmt: skip
+    steps: list[str] = []
+
+    def value(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            inner = value(node.operand)
+            if isinstance(node.operand, ast.Constant):
+                return -inner  # a negative literal, not an operation
+            steps.append(f"-({_number(inner).strip('()')}) = {_number(-inner).strip('()')}")
+            return -inner
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            left, right = value(node.left), value(node.right)
+            symbol, fn = ops[type(node.op)]
+            result = fn(left, right)
+            steps.append(f"{_number(left)} {symbol} {_number(right)} = {_number(result).strip('()')}")
+            return result
+        raise ValueError(f"unsupported arithmetic in {expression!r}: {ast.dump(node)}")
+
+    result = value(ast.parse(expression, mode="eval").body)
+    if result != Fraction(answer):
+        raise ValueError(f"worked solution of {expression!r} gives {result}, the task's answer is {answer}")
+    final = (
+        str(result.numerator)
+        if result.denominator == 1
+        else f"\\frac{{{result.numerator}}}{{{result.denominator}}}"
+    )
+    lines = steps or [f"{expression} = {_number(result)}"]
+    return "\n".join(lines) + f"\nSo the answer is \\boxed{{{final}}}."
+
+
 def write_task(
-    task: str, out_dir: str | Path, *, train: int, test: int, seed: int = 0, **task_kwargs
+    task: str, out_dir: str | Path, *, train: int, test: int, seed: int = 0, val: int = 0, **task_kwargs
 ) -> dict:
-    """Disjoint train / held-out problems from reasoning-gym as JSONL (`problem`, `answer`)."""
+    """Disjoint train / held-out (test) / validation problems from reasoning-gym as JSONL (`problem`,
+    `answer`, and for arithmetic a worked `solution`). The validation split (`val` > 0, val.jsonl) comes
+    after the test problems, so adding it leaves train and test as they were."""
     import reasoning_gym
 
     out = Path(out_dir)
-    data = reasoning_gym.create_dataset(task, size=4 * (train + test), seed=seed, **task_kwargs)
+    data = reasoning_gym.create_dataset(task, size=4 * (train + test + val), seed=seed, **task_kwargs)
     seen, rows = set(), []
     for entry in data:
         question, answer = entry["question"].strip(), str(entry["answer"]).strip()
         if question in seen:
             continue  # held-out problems must never appear in training
         seen.add(question)
-        rows.append({"problem": question, "answer": answer})
-        if len(rows) == train + test:
+        row = {"problem": question, "answer": answer}
+        expression = (entry.get("metadata") or {}).get("expression")
+        if task == "basic_arithmetic" and expression:
+            row["solution"] = worked_solution(expression, answer)
+        rows.append(row)
+        if len(rows) == train + test + val:
             break
-    if len(rows) < train + test:
-        raise ValueError(f"{task}: only {len(rows)} distinct problems for {train} + {test}")
-    splits = {"train": rows[:train], "test": rows[train:]}
+    if len(rows) < train + test + val:
+        raise ValueError(f"{task}: only {len(rows)} distinct problems for {train} + {test} + {val}")
+    splits = {"train": rows[:train], "test": rows[train : train + test]}
+    if val:
+        splits["val"] = rows[train + test :]
     for split, items in splits.items():
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in items))
     meta = {"task": task, "seed": seed, "kwargs": task_kwargs, "train": train, "test": test}
+    if val:
+        meta["val"] = val
     atomic_write_text(out / "task.json", json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -175,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     task.add_argument("out_dir")
     task.add_argument("--train", type=int, default=256)
     task.add_argument("--test", type=int, default=64)
+    task.add_argument(
+        "--val", type=int, default=0, help="validation problems (val.jsonl), disjoint from both"
+    )
     task.add_argument("--seed", type=int, default=0)
     task.add_argument("--kwargs", default="{}", help="JSON generator options, e.g. '{\"min_terms\": 2}'")
     args = parser.parse_args(argv)
@@ -189,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                     train=args.train,
                     test=args.test,
                     seed=args.seed,
+                    val=args.val,
                     **json.loads(args.kwargs),
                 )
             )

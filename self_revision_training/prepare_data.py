@@ -11,7 +11,10 @@ batches only), or a JSON/JSONL file of revision records (the reference's d_revis
         output_dir=outputs/run/train_data prefix=srt stage2_size=1000 seed=0 [--no-clean]
 
 Writes <prefix>_stage1.jsonl, <prefix>_stage2.jsonl, <prefix>_stats.json and the collection's
-sdzero_prompt.json (read back by the SFT so it builds the same prompts).
+sdzero_prompt.json (read back by the SFT so it builds the same prompts). Stage records carry the sampled
+token ids of y_init and y_revised (`y_init_ids`, `y_revised_ids`; null when cleaning changed the text or
+the input has none; `stats.token_ids` counts them). The same tuple twice in one shard's attempts file
+("duplicate tuples within one shard": two collectors wrote there at once) or in two shards is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from self_revision_training.revision_data import load_verified
 from self_revision_training.shared.config import PromptConfig, parse_cli, to_dict
 from self_revision_training.shared.prompts import PROMPT_SPEC_FILE, PromptSpecError, load_prompt_spec
-from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
+from self_revision_training.shared.storage import DataFileError, atomic_write_json, atomic_write_text
 from self_revision_training.stage_split import build_stage_records
 
 
@@ -75,7 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     source, out = Path(cfg.input), Path(cfg.output_dir)
     spec_path = find_prompt_spec(source)
     prompt = load_prompt_spec(spec_path.parent)[0] if spec_path else PromptConfig()
-    records, files = load_verified(source)
+    try:
+        records, files = load_verified(source)
+    except DataFileError as exc:
+        raise SystemExit(f"prepare_data: {exc}") from exc
     try:
         split = build_stage_records(
             records, stage2_size=cfg.stage2_size, seed=cfg.seed, delimiter=prompt.delimiter, clean=cfg.clean

@@ -4,11 +4,17 @@ The collector appends every attempt to `attempts.jsonl` through the shared commi
 (`storage.BatchLog`: one fsync'ed write per batch, ending with a `batch_done` marker; an uncommitted tail
 is cut on restart), so a rerun resumes with whole batches only and never duplicates a record. Record types:
 
-    init      one per y_init sample: the response, its grade r, and whether it was revised (and why not)
+    init      one per y_init sample: the response, its sampled token ids (`y_init_ids`, without the
+              end-of-turn token), its grade r, and whether it was revised (and why not)
     revision  one per y_revised sample, with the reference's fields (x, y_init, p_r, y_revised,
               ground_truth, y_init_correct, y_revised_correct, *_extracted, original_index,
-              response_idx, revision_idx) plus lengths, finish reasons and `verified`
-    batch_done  the problem indices the batch covered, its wall time and generated tokens
+              response_idx, revision_idx) plus both sampled id lists (`y_init_ids`, `y_revised_ids`,
+              without end-of-turn), lengths, finish reasons and `verified`
+    batch_done  the problem indices the batch covered (including `prompt_too_long`: problems whose
+              prompt does not fit the engine's context, skipped), its wall time and generated tokens
+
+The SFT trains on the stored ids (the tokens Phase 1 sampled), not on re-encoded text: re-encoding
+merges tokens across what were separate samples (Qwen: "." + "\n\n" -> ".\n\n").
 
 `verified` = the revision is graded correct and finished on its own (not cut at max_tokens).
 `verified.jsonl` holds exactly the verified revision records and is rebuilt from the attempts file on
@@ -40,7 +46,21 @@ REVISION_FIELDS = ("x", "y_init", "p_r", "y_revised", "y_init_correct", "y_revis
 RECORD_TYPES = ("init", "revision")
 
 
-def build_init_record(problem: Any, k: int, sample: Any, verdict: Any, batch: int, version: int) -> dict:
+def _sampled_ids(sample: Any, eos_token_ids: frozenset[int]) -> list[int]:
+    """The sampled token ids without a final end-of-turn token (SFT appends the template's own)."""
+    ids = list(sample.token_ids)
+    return ids[:-1] if ids and ids[-1] in eos_token_ids else ids
+
+
+def build_init_record(
+    problem: Any,
+    k: int,
+    sample: Any,
+    verdict: Any,
+    batch: int,
+    version: int,
+    eos_token_ids: frozenset[int] = frozenset(),
+) -> dict:
     """The `init` record of y_init number k of `problem` (not yet revised; the collector fills that in)."""
     return {
         "type": "init",
@@ -49,6 +69,7 @@ def build_init_record(problem: Any, k: int, sample: Any, verdict: Any, batch: in
         "x": problem.problem,
         "ground_truth": problem.answer,
         "y_init": sample.text,
+        "y_init_ids": _sampled_ids(sample, eos_token_ids),
         "y_init_correct": verdict.correct,
         "y_init_extracted": verdict.extracted,
         "y_init_reason": verdict.reason,
@@ -61,7 +82,9 @@ def build_init_record(problem: Any, k: int, sample: Any, verdict: Any, batch: in
     }
 
 
-def build_revision_record(init: dict, p_r: str, j: int, sample: Any, verdict: Any) -> dict:
+def build_revision_record(
+    init: dict, p_r: str, j: int, sample: Any, verdict: Any, eos_token_ids: frozenset[int] = frozenset()
+) -> dict:
     """The `revision` record of y_revised number j of an init record; `verified` is decided here."""
     keep = (
         "original_index",
@@ -69,6 +92,7 @@ def build_revision_record(init: dict, p_r: str, j: int, sample: Any, verdict: An
         "x",
         "ground_truth",
         "y_init",
+        "y_init_ids",
         "y_init_correct",
         "y_init_extracted",
     )
@@ -78,6 +102,7 @@ def build_revision_record(init: dict, p_r: str, j: int, sample: Any, verdict: An
         "revision_idx": j,
         "p_r": p_r,
         "y_revised": sample.text,
+        "y_revised_ids": _sampled_ids(sample, eos_token_ids),
         "y_revised_correct": verdict.correct,
         "y_revised_extracted": verdict.extracted,
         "y_revised_reason": verdict.reason,
@@ -106,6 +131,7 @@ class CollectionStats:
 
     batches: int = 0
     problems: int = 0
+    prompt_too_long: int = 0  # problems skipped: the prompt leaves no room in the engine's context
     seconds: float = 0.0
     generated_tokens: int = 0
     init_total: int = 0
@@ -121,6 +147,7 @@ class CollectionStats:
     def add_batch(self, marker: dict[str, Any], records: Iterable[dict[str, Any]]) -> None:
         self.batches += 1
         self.problems += len(marker["indices"])
+        self.prompt_too_long += len(marker.get("prompt_too_long", ()))
         self.seconds += float(marker.get("seconds", 0.0))
         self.generated_tokens += int(marker.get("generated_tokens", 0))
         for rec in records:
@@ -163,6 +190,7 @@ class CollectionStats:
         return {
             "batches": self.batches,
             "problems_done": self.problems,
+            "problems_skipped": {"prompt_too_long": self.prompt_too_long},
             "verified_tuples": self.verified,
             "init": {
                 "samples": self.init_total,
@@ -220,7 +248,7 @@ def load_verified(source: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     else:
         raise DataFileError(f"{source}: no such file or directory")
     records: list[dict[str, Any]] = []
-    seen: dict[tuple, str] = {}
+    seen: dict[tuple, tuple[Path, str]] = {}
     for path in files:
         for where, rec in _iter_revision_records(path):
             _check_fields(rec, where)
@@ -229,10 +257,17 @@ def load_verified(source: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
             key = (rec.get("original_index"), rec.get("response_idx"), rec.get("revision_idx"))
             if None not in key:
                 if key in seen:
+                    first_path, first_where = seen[key]
+                    if first_path == path:
+                        raise DataFileError(
+                            f"{where}: duplicate tuples within one shard: tuple {key} also appears at "
+                            f"{first_where} (two collectors wrote into this shard directory at once?)"
+                        )
                     raise DataFileError(
-                        f"{where}: tuple {key} also appears at {seen[key]} (overlapping shards?)"
+                        f"{where}: tuple {key} also appears at {first_where} (overlapping shards: two "
+                        "collections with different shard settings in one input directory?)"
                     )
-                seen[key] = where
+                seen[key] = (path, where)
             records.append(rec)
     return records, [str(f) for f in files]
 

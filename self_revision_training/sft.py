@@ -12,6 +12,11 @@ batch (all-reduced before any backward), so it does not depend on the split. FSD
 over ranks, so each rank back-propagates its sum x world_size / global_count. Then clip, AdamW, LR step.
 Outputs in `output_dir`: config.yaml (+ git SHA), metrics.jsonl, checkpoints/step_N (resume: rerun the
 same command), and final/ (a consolidated Hugging Face model + tokenizer + sdzero_prompt.json).
+
+One run per output_dir: rank 0 holds its lock (`shared.run_lock`); a second run exits naming the first's
+pid. A resume compares this run's config with the checkpoint's: a change outside `RESUME_ALLOWED` (data,
+model, loss, schedule, batch, seed, max_length, ...) is an error listing the keys; a changed `lr` is
+applied to the optimizer and the scheduler from the resumed step on (`checkpoints.apply_resumed_lr`).
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ from self_revision_training.sft_data import (
 from self_revision_training.sft_loss import CompletionLossModel
 from self_revision_training.shared import checkpoints
 from self_revision_training.shared import distributed as dist_utils
+from self_revision_training.shared.budget import Budget
 from self_revision_training.shared.config import (
     ConfigError,
     ModelConfig,
     PromptConfig,
+    check_resume_config,
+    load_yaml,
     parse_cli,
     save_run_config,
     to_dict,
@@ -51,8 +59,10 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
     save_prompt_spec,
 )
+from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.run_log import MetricsLogger
 from self_revision_training.shared.training import (
+    HealthProbe,
     MicroBatch,
     build_lr_lambda,
     load_causal_lm,
@@ -103,6 +113,7 @@ class SFTConfig:
     wandb: bool = False  # log to Weights & Biases when installed (WANDB_* env vars apply)
     wandb_project: str = "sd-zero"  # W&B project
     tensorboard: bool = False  # write output_dir/tensorboard when tensorboard is installed
+    health_metrics: bool = True  # gradient noise scale, weights changed, update ratio (shared/health.py)
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -124,6 +135,37 @@ class SFTConfig:
                 raise ConfigError(f"{key} must be >= 1 (max_length >= 2), got {getattr(self, key)}")
         if self.save_every < 0 or self.keep_last < 0 or self.weight_decay < 0 or self.adam_eps <= 0:
             raise ConfigError("save_every, keep_last, weight_decay must be >= 0 and adam_eps > 0")
+
+
+# Settings a resumed SFT run may change (fnmatch patterns on dotted keys); anything else must equal the
+# checkpoint's. micro_batch_size and grad_accum may change with the world size as long as the global batch
+# (micro x accum x world) stays, which the checkpoint load checks; activation_checkpointing and
+# loss_chunk_size change memory and speed only; lr is applied to the optimizer and the scheduler.
+RESUME_ALLOWED = tuple(
+    "max_steps save_every keep_last log_every wandb wandb_project tensorboard output_dir save_dtype "
+    "micro_batch_size grad_accum activation_checkpointing loss_chunk_size lr health_metrics".split()
+)
+
+
+def check_resume_settings(cfg: SFTConfig) -> dict[str, tuple[Any, Any]]:
+    """Compare with the run being resumed (newest checkpoint, or the finished run's config.yaml).
+
+    Returns the allowed settings that changed ({key: (saved, current)}); raises SystemExit listing the
+    others. A fresh output_dir returns {}.
+    """
+    out = Path(cfg.output_dir)
+    existing = checkpoints.list_checkpoints(out / "checkpoints", "sft")
+    if existing:
+        saved = json.loads((existing[-1] / "trainer_state.json").read_text(encoding="utf-8"))["config"]
+        where = str(existing[-1])
+    elif (out / "final" / "sft_state.json").is_file() and (out / "config.yaml").is_file():
+        saved, where = load_yaml((out / "config.yaml").read_text(encoding="utf-8")), str(out / "final")
+    else:
+        return {}
+    try:
+        return check_resume_config(saved, to_dict(cfg), allowed=RESUME_ALLOWED, where=f"SFT from {where}")
+    except ConfigError as exc:
+        raise SystemExit(f"[sft] {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +207,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: list[tuple[dict[str, torch.Tensor], float]],
     max_grad_norm: float,
+    health: HealthProbe | None = None,
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches [(batch, weight)]; weight 0 = dummy filler."""
     result = run_optimizer_step(
@@ -175,8 +218,10 @@ def train_step(
         count=count_units,
         max_grad_norm=max_grad_norm,
         device=micro_batches[0][0]["input_ids"].device,
+        health=health,
     )
     return {
+        **result.health,
         "loss": result.loss,
         "grad_norm": result.grad_norm,
         "num_completion_tokens": result.counts[0],
@@ -218,7 +263,7 @@ def build_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, 
         model, device, mixed_precision=mixed, activation_checkpointing=cfg.activation_checkpointing
     )
     model.train()
-    return model, causal_lm.config
+    return model, causal_lm.config, mixed
 
 
 def log0(*args: Any) -> None:
@@ -231,17 +276,23 @@ def log0(*args: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(SFTConfig, argv, description=__doc__)
+    changed = check_resume_settings(cfg)  # before anything starts: a refused resume exits here
     device = dist_utils.init()
     world, rank = dist_utils.world_size(), dist_utils.rank()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     ckpt_root, final_dir = out / "checkpoints", out / "final"
+    lock = None
     if dist_utils.is_main():
+        try:
+            lock = acquire_run_lock(out, "SFT")  # held by rank 0 until the end (or its death)
+        except RunLockError as exc:
+            raise SystemExit(f"[sft] {exc}") from None
         removed = checkpoints.remove_partial(ckpt_root)
         if removed:
             print(f"removed partial checkpoint(s): {[p.name for p in removed]}")
-        out.mkdir(parents=True, exist_ok=True)
-        save_run_config(cfg, out)
+        if changed:
+            print(f"[sft] resuming with changed settings: {changed}", flush=True)
     dist_utils.barrier()
 
     # -- data
@@ -272,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     if state_file.is_file() and json.loads(state_file.read_text())["step"] >= last_step:
         log0(f"[sft] {final_dir} is already complete (step {last_step}); nothing to do")
         dist_utils.cleanup()
+        if lock is not None:
+            lock.release()
         return
 
     # -- model, optimizer, schedule, resume
@@ -283,14 +336,24 @@ def main(argv: list[str] | None = None) -> None:
         generation_config = GenerationConfig.from_pretrained(cfg.model.path)
     except OSError:
         generation_config = None
-    model, hf_config = build_model(cfg, device)
+    model, hf_config, mixed = build_model(cfg, device)
+    health = (
+        HealthProbe(
+            forward_dtype=torch.bfloat16 if mixed else None, num_sequences=lambda b: b["input_ids"].shape[0]
+        )
+        if cfg.health_metrics
+        else None
+    )
+    budget = Budget(stage=f"sft_stage{cfg.stage}" if cfg.data.layout == "revision" else "sft")
+    if dist_utils.is_main():  # the run's identity, once the model and data have loaded
+        save_run_config(cfg, out)
     optimizer = build_optimizer(model, cfg)
     warmup_steps = math.ceil(cfg.warmup_ratio * schedule_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, build_lr_lambda(cfg.lr_schedule, schedule_steps, warmup_steps)
     )
     start_step = 0
-    existing = checkpoints.list_checkpoints(ckpt_root)
+    existing = checkpoints.list_checkpoints(ckpt_root, "sft")
     if existing:
         state = checkpoints.load_checkpoint(existing[-1], model, optimizer)
         if (state["global_batch"], state["num_examples"]) != (global_batch, len(examples)):
@@ -300,6 +363,14 @@ def main(argv: list[str] | None = None) -> None:
                 "(world size may change only if micro_batch_size x grad_accum x world_size stays the same)"
             )
         scheduler.load_state_dict(state["scheduler"])
+        if "budget" in state:
+            budget = Budget.from_dict(state["budget"])
+        if health is not None and "health" in state:  # the noise-scale EMA continues
+            health.noise.load_state_dict(state["health"])
+        saved_lr = state["config"]["lr"]
+        if saved_lr != cfg.lr:  # allowed on resume, and really applied (not only recorded in config.yaml)
+            checkpoints.apply_resumed_lr(optimizer, scheduler, saved_lr, cfg.lr)
+            log0(f"[sft] lr {saved_lr:g} -> {cfg.lr:g}: applied to the optimizer and the schedule")
         start_step = state["step"]
         log0(
             f"[sft] resumed from {existing[-1]} (step {start_step}, saved with world size {state['world_size']})"
@@ -338,9 +409,12 @@ def main(argv: list[str] | None = None) -> None:
             for idx in slots
         ]
         lr = scheduler.get_last_lr()[0]
-        stats = train_step(model, optimizer, micro, cfg.max_grad_norm)
+        stats = train_step(model, optimizer, micro, cfg.max_grad_norm, health)
         scheduler.step()
         seconds = time.perf_counter() - t0
+        budget.tokens_trained += int(stats["num_completion_tokens"])
+        budget.optimizer_steps += 1
+        budget.add_time("training", seconds)
         row = {
             "step": step + 1,
             "epoch": round((step + 1) / steps_per_epoch, 4),
@@ -366,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                 "num_examples": len(examples),
                 "scheduler": scheduler.state_dict(),
                 "config": to_dict(cfg),
+                "budget": budget.state_dict(),
+                **({"health": health.noise.state_dict()} if health is not None else {}),
             }
             path = checkpoints.save_checkpoint(
                 ckpt_root, step + 1, model, optimizer, trainer_state, cfg.keep_last
@@ -386,8 +462,12 @@ def main(argv: list[str] | None = None) -> None:
         strip_prefix="causal_lm.",
         extra_files=extra_files,
     )
+    if dist_utils.is_main():
+        budget.save(out)  # what this stage consumed (compare.sh holds methods to one budget)
     log0(f"[sft] wrote {final_dir}")
     dist_utils.cleanup()
+    if lock is not None:
+        lock.release()
 
 
 if __name__ == "__main__":

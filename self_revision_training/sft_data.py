@@ -10,8 +10,12 @@ SD-Zero records also carry the structured fields `x`, `y_init`, `p_r`, `y_revise
 (layout `revision`, the two SRT stages). Layout `prompt_completion` is the plain one-stage SFT every other
 data stage writes (rejection sampling, SSD, teacher rationales): chat(prompt) -> completion + end-of-turn.
 Token ids are built per segment (chat prompt | y_init | phrase block | y_revised | end-of-turn) and never
-by re-encoding joined text (see `prompts.py`), so SFT sees exactly the token sequences Phase 1 sampled
-and the Phase-2 teacher is queried with. Stage 2 defaults to the *continuation* layout
+by re-encoding joined text (see `prompts.py`). The response segments use the token ids Phase 1 sampled
+when the record carries them (`y_init_ids`, `y_revised_ids`; `completion_ids` in the prompt_completion
+layout) and they decode to the segment's text; otherwise the text is encoded on its own (re-encoding a
+sampled text can merge tokens the model sampled separately, e.g. Qwen's "." + "\n\n" -> ".\n\n"), and
+`TokenizeReport` counts both. So SFT sees the token sequences Phase 1 sampled and the Phase-2 teacher is
+queried with. Stage 2 defaults to the *continuation* layout
 (chat(x) + y_init + P_r block as the masked prompt), which is the layout the Phase-2 teacher is queried
 in; `stage2_layout="user_turn"` reproduces the reference (the record's `prompt` string in the user turn).
 
@@ -43,6 +47,7 @@ STRUCTURED_FIELDS = ("x", "y_init", "p_r", "y_revised", "y_init_correct")
 BASE_FIELDS = ("prompt", "completion")
 # Bookkeeping keys a data file may carry besides the ones above; anything else is an error (typo guard)
 # unless `extra_fields="ignore"`.
+TOKEN_ID_FIELDS = {"y_init": "y_init_ids", "y_revised": "y_revised_ids", "completion": "completion_ids"}
 METADATA_FIELDS = frozenset(
     {"id", "idx", "index", "source", "answer", "ground_truth", "meta", "metadata", "stage", "problem_id"}
     | {"original_index", "response_idx", "revision_idx"}  # written by revision_data.format_stage{1,2}
@@ -75,12 +80,15 @@ class TokenizeReport:
     num_dropped_overlong: int = 0  # overlong=drop, or the prompt alone does not fit
     num_dropped_empty: int = 0  # no trained token
     layouts: dict[str, int] = field(default_factory=dict)  # layout name -> examples
+    num_sampled_ids: int = 0  # response segments trained on the token ids Phase 1 sampled
+    num_ids_reencoded: int = 0  # stored ids that do not decode to their text: the text was encoded instead
 
     def summary(self) -> str:
         return (
             f"{self.num_examples}/{self.num_records} examples kept; truncated {self.num_truncated}, "
             f"dropped overlong {self.num_dropped_overlong}, dropped empty {self.num_dropped_empty}; "
-            f"layouts {self.layouts}"
+            f"layouts {self.layouts}; segments on sampled ids {self.num_sampled_ids}, "
+            f"re-encoded (ids did not match the text) {self.num_ids_reencoded}"
         )
 
 
@@ -144,13 +152,41 @@ def _check_record(source: str, rec: dict[str, Any], extra_fields: str) -> bool:
                 raise DataFileError(f"{source}: field '{key}' must be a string")
         if not isinstance(rec["y_init_correct"], bool):
             raise DataFileError(f"{source}: field 'y_init_correct' must be true/false")
+    for ids_field in TOKEN_ID_FIELDS.values():
+        ids = rec.get(ids_field)
+        if ids is not None and (
+            not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            raise DataFileError(f"{source}: field '{ids_field}' must be a list of token ids (or null)")
     if extra_fields == "error":
-        unknown = sorted(set(rec) - set(BASE_FIELDS) - set(STRUCTURED_FIELDS) - METADATA_FIELDS)
+        known = set(BASE_FIELDS) | set(STRUCTURED_FIELDS) | set(TOKEN_ID_FIELDS.values()) | METADATA_FIELDS
+        unknown = sorted(set(rec) - known)
         if unknown:
             raise DataFileError(
                 f"{source}: unknown field(s) {unknown}; set data.extra_fields=ignore to accept them"
             )
     return bool(present)
+
+
+def sampled_or_encoded_ids(
+    tokenizer: ChatTokenizer, rec: dict[str, Any], text_field: str, report: TokenizeReport | None = None
+) -> list[int]:
+    """Token ids of the response segment `rec[text_field]`: the stored sampled ids when they decode to the
+    text exactly, else the text encoded on its own (counted in `report`)."""
+    text, ids = rec[text_field], rec.get(TOKEN_ID_FIELDS[text_field])
+    if ids is not None:
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        valid = all(0 <= i < vocab for i in ids) if vocab else all(i >= 0 for i in ids)
+        if (
+            valid
+            and tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text
+        ):
+            if report is not None:
+                report.num_sampled_ids += 1
+            return list(ids)
+        if report is not None:
+            report.num_ids_reencoded += 1
+    return encode_text(tokenizer, text)
 
 
 def build_example_segments(
@@ -163,12 +199,14 @@ def build_example_segments(
     end_of_turn_ids: list[int],
     extra_fields: str = "error",
     layout: Layout = "revision",
+    report: TokenizeReport | None = None,
 ) -> tuple[list[int], list[int], str]:
     """One record -> (prompt_ids, completion_ids incl. end-of-turn, layout name)."""
     structured = _check_record(source, rec, extra_fields)
     if layout == "prompt_completion":
         prompt_ids = build_generation_prompt(tokenizer, rec["prompt"], prompt_cfg).ids
-        return prompt_ids, encode_text(tokenizer, rec["completion"]) + end_of_turn_ids, "prompt_completion"
+        completion_ids = sampled_or_encoded_ids(tokenizer, rec, "completion", report)
+        return prompt_ids, completion_ids + end_of_turn_ids, "prompt_completion"
     if not structured:
         raise DataFileError(
             f"{source}: a plain prompt/completion record in the SRT (revision) layout; "
@@ -189,14 +227,15 @@ def build_example_segments(
         raise DataFileError(f"{source}: prompt/completion do not follow the Stage-{stage} layout ({layout})")
     block = build_phrase_block(correct, prompt_cfg)
     prompt_ids = build_generation_prompt(tokenizer, x, prompt_cfg).ids
-    y_init_ids, block_ids = encode_text(tokenizer, y_init), encode_text(tokenizer, block)
-    rev_ids = encode_text(tokenizer, y_rev) + end_of_turn_ids
+    block_ids = encode_text(tokenizer, block)
+    rev_ids = sampled_or_encoded_ids(tokenizer, rec, "y_revised", report) + end_of_turn_ids
+    if stage == 2 and stage2_layout == "user_turn":  # y_init is inside the user turn's text
+        user_prompt_ids = build_generation_prompt(tokenizer, rec["prompt"], prompt_cfg).ids
+        return user_prompt_ids, rev_ids, "stage2_user_turn"
+    y_init_ids = sampled_or_encoded_ids(tokenizer, rec, "y_init", report)
     if stage == 1:
         return prompt_ids, y_init_ids + block_ids + rev_ids, "stage1"
-    if stage2_layout == "continuation":
-        return prompt_ids + y_init_ids + block_ids, rev_ids, "stage2_continuation"
-    user_prompt_ids = build_generation_prompt(tokenizer, rec["prompt"], prompt_cfg).ids
-    return user_prompt_ids, rev_ids, "stage2_user_turn"
+    return prompt_ids + y_init_ids + block_ids, rev_ids, "stage2_continuation"
 
 
 def build_sft_examples(
@@ -229,7 +268,16 @@ def build_sft_examples(
     examples: list[SFTExample] = []
     for source, rec in records:
         prompt_ids, completion_ids, name = build_example_segments(
-            tokenizer, rec, source, stage, stage2_layout, prompt_cfg, end_of_turn, extra_fields, layout
+            tokenizer,
+            rec,
+            source,
+            stage,
+            stage2_layout,
+            prompt_cfg,
+            end_of_turn,
+            extra_fields,
+            layout,
+            report,
         )
         if not completion_ids:
             report.num_dropped_empty += 1

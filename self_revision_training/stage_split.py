@@ -5,7 +5,10 @@
 
 Cleaning trims degenerate repeating tails (y_init, y_revised) and sycophantic openings (y_revised);
 de-duplication is exact on (x, y_init, y_revised); Stage 2 takes its quota correct-init first, Stage 1
-the remaining incorrect-init tuples. The text layouts come from `prompts.build_revision_stage_texts`, the
+the remaining incorrect-init tuples. The sampled token ids (`y_init_ids`, `y_revised_ids`) travel with
+their texts into the stage records, so the SFT trains on the tokens Phase 1 sampled; when cleaning
+changes a text its ids no longer describe it and are dropped (the SFT then encodes the cleaned text;
+`stats["token_ids"]` counts both cases). The text layouts come from `prompts.build_revision_stage_texts`, the
 one place they are written. Pure Python; `prepare_data` is the entry point.
 """
 
@@ -77,11 +80,32 @@ def trim_repeating_tail(
     return text
 
 
+TOKEN_ID_FIELDS = {"y_init": "y_init_ids", "y_revised": "y_revised_ids"}  # text field -> its sampled ids
+
+
 def clean_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Trimmed texts; a text that changed loses its sampled ids (they would no longer decode to it)."""
     out = dict(record)
     out["y_init"] = trim_repeating_tail(record["y_init"])
     out["y_revised"] = strip_sycophantic_opening(trim_repeating_tail(record["y_revised"]))
+    for text_field, ids_field in TOKEN_ID_FIELDS.items():
+        if out[text_field] != record[text_field] and out.get(ids_field) is not None:
+            out[ids_field] = None
     return out
+
+
+def count_token_ids(records: list[dict[str, Any]], originals: list[dict[str, Any]]) -> dict[str, int]:
+    """How many texts keep their sampled ids, lost them to cleaning, or never had any (older/reference data)."""
+    counts = {"kept": 0, "reencoded_after_cleaning": 0, "missing": 0}
+    for rec, orig in zip(records, originals, strict=True):
+        for ids_field in TOKEN_ID_FIELDS.values():
+            if rec.get(ids_field) is not None:
+                counts["kept"] += 1
+            elif orig.get(ids_field) is not None:
+                counts["reencoded_after_cleaning"] += 1
+            else:
+                counts["missing"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +133,14 @@ def build_stage_records(
     stats: dict[str, Any] = {"input": len(records)}
     if clean:
         cleaned = [clean_record(r) for r in records]
-        stats["cleaned_changed"] = sum(c != r for c, r in zip(cleaned, records, strict=True))
+        stats["cleaned_changed"] = sum(
+            (c["y_init"], c["y_revised"]) != (r["y_init"], r["y_revised"])
+            for c, r in zip(cleaned, records, strict=True)
+        )
+        stats["token_ids"] = count_token_ids(cleaned, records)
         records = cleaned
+    else:
+        stats["token_ids"] = count_token_ids(records, records)
     unique, seen = [], set()
     for rec in records:
         key = (rec["x"], rec["y_init"], rec["y_revised"])
@@ -156,6 +186,8 @@ _KEPT_FIELDS = (
     "p_r",
     "y_revised",
     "y_init_correct",
+    "y_init_ids",
+    "y_revised_ids",
     "original_index",
     "response_idx",
     "revision_idx",

@@ -5,7 +5,10 @@ Layout of `<output_dir>/checkpoints/step_000120/`:
     trainer_state.json    step, epoch, world size, global batch, scheduler state, resolved config
     rng_rank{r}.pt        python / numpy / torch (/ cuda) RNG states of rank r
 Everything is written into `.tmp_step_000120` next to it, fsync'ed, then renamed, so a directory named
-`step_*` is always complete; a leftover `.tmp_*` (killed mid-write) is deleted on the next start.
+`step_*` is always complete; a leftover `.tmp_*` (killed mid-write) is deleted on the next start. A
+`step_*` directory that lacks its writer's files (`CHECKPOINT_FILES`: SFT's trainer_state.json and DCP
+metadata, Phase 2's driver_state.json and learner shards), e.g. one made by hand or half-copied, is
+ignored with a warning, never resumed from.
 Needs a filesystem shared by all ranks (multi-node: a network filesystem), like DCP itself.
 
 `save_hf_export` gathers the full state dict to rank 0 and writes safetensors + config.json +
@@ -16,6 +19,7 @@ temp dir that is renamed into place; transformers and vLLM load the result direc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +36,14 @@ from self_revision_training.shared import distributed as dist_utils
 from self_revision_training.shared.storage import atomic_write_json
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+log = logging.getLogger("sdzero.checkpoints")
+
+# What a complete checkpoint directory holds, per writer; a step_* dir is complete when it has all the
+# files of one writer (DCP writes `.metadata` last, after every shard).
+CHECKPOINT_FILES: dict[str, tuple[str, ...]] = {
+    "sft": ("trainer_state.json", "model_optim/.metadata"),
+    "distill": ("driver_state.json", "learner/model_optim/.metadata", "learner/scheduler.json"),
+}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -63,13 +75,37 @@ def _atomic_publish(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def is_complete_checkpoint(path: str | Path, writer: str | None = None) -> bool:
+    """Whether `path` holds every file of `writer`'s checkpoints (None: of any writer in CHECKPOINT_FILES)."""
+    path = Path(path)
+    writers = [writer] if writer is not None else list(CHECKPOINT_FILES)
+    return any(all((path / name).is_file() for name in CHECKPOINT_FILES[w]) for w in writers)
+
+
+def list_checkpoints(ckpt_root: str | Path, writer: str | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first; an incomplete `step_*` directory is skipped with a warning.
+
+    Args:
+        writer: "sft" or "distill" (the files `CHECKPOINT_FILES` lists); None accepts either.
+    """
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    complete = []
+    for _, path in sorted(found):
+        if is_complete_checkpoint(path, writer):
+            complete.append(path)
+            continue
+        names = (
+            CHECKPOINT_FILES[writer] if writer else sorted({n for f in CHECKPOINT_FILES.values() for n in f})
+        )
+        log.warning(
+            "ignoring %s: not a complete checkpoint (it lacks %s); it was not written by a finished save "
+            "and is not resumed from (delete it, or restore its files)",
+            path, [n for n in names if not (path / n).is_file()],
+        )  # fmt: skip
+    return complete
 
 
 def remove_partial(ckpt_root: str | Path) -> list[Path]:
@@ -167,6 +203,33 @@ def save_checkpoint(
     return final
 
 
+def apply_resumed_lr(optimizer: torch.optim.Optimizer, scheduler: Any, saved_lr: float, lr: float) -> None:
+    """Make a resumed run really train with a changed peak learning rate.
+
+    Loading a checkpoint restores the saved run's lr into the optimizer's param groups and the
+    scheduler's `base_lrs`; this rescales both by lr / saved_lr (groups keep their ratios), so the
+    schedule continues from the current step with the new peak: lr_t = lr * multiplier(t).
+
+    Args:
+        scheduler: a `torch.optim.lr_scheduler.LambdaLR` (the SFT's and Phase 2's schedulers), already
+            loaded from the checkpoint.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"apply_resumed_lr supports LambdaLR schedulers, got {type(scheduler).__name__}")
+    if saved_lr <= 0 or lr <= 0:
+        raise ValueError(f"learning rates must be > 0, got {saved_lr} and {lr}")
+    ratio = lr / saved_lr
+    scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
+    current = [
+        base * fn(scheduler.last_epoch)
+        for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, base, value in zip(optimizer.param_groups, scheduler.base_lrs, current, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = value
+    scheduler._last_lr = list(current)  # what get_last_lr() reports until the next step
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model + optimizer (+ this rank's RNG when saved by a run of the same world size)."""
     path = Path(path)
@@ -186,15 +249,23 @@ def save_hf_export(
     strip_prefix: str = "",
     extra_files: Callable[[Path], None] | None = None,
     max_shard_size: str = "5GB",
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Consolidated Hugging Face directory (all ranks call this; rank 0 writes)."""
+    """Consolidated Hugging Face directory (all ranks call this; rank 0 writes).
+
+    Args:
+        transform: applied to the (prefix-stripped) state dict before saving, e.g. merging LoRA adapters.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     full = dist_utils.get_full_state_dict(model)
     out = Path(out_dir)
     if dist_utils.is_main():
-        state = {k.removeprefix(strip_prefix): v.to(save_dtype).contiguous() for k, v in full.items()}
+        state = {k.removeprefix(strip_prefix): v for k, v in full.items()}
+        state = {
+            k: v.to(save_dtype).contiguous() for k, v in (transform(state) if transform else state).items()
+        }
         if getattr(hf_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied to model.embed_tokens.weight; HF/vLLM re-tie on load
         tmp = out.with_name(f".tmp_{out.name}")

@@ -7,6 +7,11 @@ defined here (`ModelConfig`, `PromptConfig`, `SamplingConfig`, `GradingConfig`, 
 
     cfg = load_config(MyPhaseConfig, "configs/x.yaml", ["sampling.temperature=0.7"])
     save_run_config(cfg, output_dir)   # writes config.yaml (+ the git SHA) next to the outputs
+
+Values are read as YAML with one change: integers are decimal even with leading zeros (`010` is 10; YAML
+1.1, PyYAML's dialect, reads it as octal 8) and `1:30` stays a string (1.1 sexagesimal). A resumed run
+compares its config with the saved one through `check_resume_config`: every changed key outside the
+caller's allow-list is an error that lists the keys.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import fnmatch
 import re
 import subprocess
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -34,6 +41,35 @@ DEFAULT_INCORRECT_PHRASE = "Wait, this response is wrong. Let me correct it."
 
 
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_INT_TAG = "tag:yaml.org,2002:int"
+_YAML_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+|[-+]?0o[0-7_]+|[-+]?0b[01_]+)$")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 integers: `010` is 10 (1.1: octal 8), `0o10` is 8, `1:30` a string."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_INT_TAG, _YAML_INT, list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    if digits[:2].lower() in ("0x", "0o", "0b"):
+        return sign * int(digits, 0)
+    return sign * int(digits, 10)  # decimal, leading zeros included
+
+
+_ConfigLoader.add_constructor(_INT_TAG, _construct_int)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML config text (safe) with decimal integers; see the module docstring."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 class ConfigError(ValueError):
@@ -45,6 +81,23 @@ class ModelConfig:
     path: str = ""  # HF hub id or local directory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights dtype when loading
     trust_remote_code: bool = False  # passed to transformers / vLLM
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (PEFT) on the trained model; off by default (full fine-tuning)."""
+
+    enabled: bool = False  # train LoRA adapters instead of every weight
+    rank: int = 64  # r (OPSD: 64)
+    alpha: float = 128.0  # scaling alpha / r (OPSD: 128)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module names that get an adapter (Llama/Qwen projection names)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ValueError("lora: rank >= 1, alpha > 0, dropout in [0, 1) and target_modules required")
 
 
 @dataclass
@@ -73,7 +126,9 @@ class PromptConfig:
     incorrect_phrase: str = DEFAULT_INCORRECT_PHRASE  # P_0, appended after an incorrect response
     delimiter: str = "\n\n"  # response + delimiter + P_r + delimiter + revision
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
-    user_template: str | None = None  # the student's user turn with {problem}, {instruction}; None = the above
+    user_template: str | None = (
+        None  # the student's user turn with {problem}, {instruction}; None = the above
+    )
     teacher: TeacherPromptConfig = field(default_factory=TeacherPromptConfig)  # Phase 2 teacher's own prompt
 
     def __post_init__(self) -> None:
@@ -120,6 +175,7 @@ class BackendConfig:
         None  # vLLM KV cache size in GiB; None = from gpu_memory_utilization (GPU), 1 GiB (CPU)
     )
     tensor_parallel_size: int = 1  # vLLM tensor parallelism (GPUs per engine)
+    distributed_executor_backend: str | None = None  # vLLM: "ray" for TP workers in a Ray placement group
     enforce_eager: bool | None = None  # vLLM: skip CUDA graphs / torch.compile; None = True on CPU only
     enable_prefix_caching: bool = True  # vLLM: share KV of common prefixes (revision prompts reuse chat(x))
     hf_batch_size: int = 16  # hf backend: sequences per generate call
@@ -161,12 +217,17 @@ class DatasetConfig:
     split: str = "train"  # HF split
     problem_field: str | None = None  # None = detect (problem, question, query, prompt)
     answer_field: str | None = None  # None = detect (answer, ground_truth; else the solution's \\boxed{})
-    solution_field: str | None = None  # worked reference solution; None = detect (solution, reference_solution)
+    solution_field: str | None = (
+        None  # worked reference solution; None = detect (solution, reference_solution)
+    )
     tests_field: str | None = None  # code mode; None = detect (tests, test_cases, examples)
     mode: Literal["math", "code"] = "math"  # math: answers are required; code: tests are required
     start_index: int = 0  # first row (inclusive)
     end_index: int | None = None  # last row (exclusive); None = to the end
     on_bad_row: Literal["error", "skip"] = "error"  # skip = drop and count malformed rows
+    deduplicate: bool = False  # drop rows whose problem text repeats an earlier row's (counted either way)
+    answers: Literal["required", "optional"] = "required"  # optional: unlabelled rows get answer "" (math;
+    # for reward=majority_vote, which votes, or none; ground_truth refuses a problem without an answer)
 
     def __post_init__(self) -> None:
         if self.start_index < 0:
@@ -240,15 +301,51 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
 
 
+def _section_defaults(tp: Any, default: Any, value: dict[str, Any]) -> dict[str, Any]:
+    """`value` over the field's own default section (e.g. `SamplingConfig(max_tokens=8192)`), recursively,
+    so that `sampling.temperature=0.7` keeps the phase's other sampling defaults."""
+    merged = to_dict(default)
+    hints = typing.get_type_hints(tp)
+    for key, item in value.items():
+        sub = getattr(default, key, None)
+        if (
+            isinstance(item, dict)
+            and dataclasses.is_dataclass(hints.get(key))
+            and dataclasses.is_dataclass(sub)
+        ):
+            merged[key] = _section_defaults(hints[key], sub, item)
+        else:
+            merged[key] = item
+    return merged
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError."""
+    """Build dataclass `cls` from a nested dict; unknown keys and bad types raise ConfigError.
+
+    A section that is given only in part keeps the field's own defaults for the rest: a field declared
+    `field(default_factory=lambda: SamplingConfig(max_tokens=8192))` stays at 8192 tokens when only
+    `sampling.temperature` is set (not the plain `SamplingConfig()` defaults).
+    """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = set(fields)
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), sorted(names), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; known: {sorted(names)}")
+    data = dict(data)
+    for name, value in data.items():
+        factory = fields[name].default_factory
+        if (
+            isinstance(value, dict)
+            and dataclasses.is_dataclass(hints[name])
+            and factory is not dataclasses.MISSING
+        ):
+            default = factory()
+            unknown = [k for k in value if not hasattr(default, k)]
+            if not unknown:  # unknown keys: let the nested from_dict name them
+                data[name] = _section_defaults(hints[name], default, value)
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -283,7 +380,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not p.isidentifier() for p in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     # PyYAML (YAML 1.1) reads `1e-5` as a string (no dot before the exponent); a number is meant.
@@ -300,7 +397,7 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = load_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -314,6 +411,74 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{exc}{where}") from exc
+
+
+def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested sections become dotted keys (lists and other values are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ: {key: (saved, current)}.
+
+    Keys the saved config does not have are not compared (a config written by an older version, before
+    the key existed); `git_sha` is never compared.
+    """
+    old, new = flatten_config(saved), flatten_config(current)
+    return {
+        key: (old[key], new[key] if key in new else _lookup(current, key))
+        for key in sorted(old)
+        if key != "git_sha" and (key not in new or old[key] != new[key])
+    }
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of a nested dict (None when absent), e.g. a section that gained entries."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _allowed(key: str, patterns: Iterable[str]) -> bool:
+    """fnmatch patterns on dotted keys; "a" also allows the whole section "a.*"."""
+    return any(fnmatch.fnmatchcase(key, p) or key.startswith(f"{p}.") for p in patterns)
+
+
+def check_resume_config(
+    saved: dict[str, Any], current: dict[str, Any], *, allowed: Iterable[str], where: str
+) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume with changed settings, except the allow-listed ones.
+
+    Args:
+        saved: the config the run being resumed was written with (nested dict, e.g. `to_dict(cfg)` as
+            saved in a checkpoint or config.yaml).
+        current: this run's config as a nested dict.
+        allowed: dotted keys or fnmatch patterns that may change on resume (`max_steps`, `wandb*`, `ray`).
+        where: what is being resumed, for the message (e.g. the checkpoint directory).
+    Returns:
+        The allowed keys that changed: {key: (saved, current)} (the caller logs or applies them).
+    Raises:
+        ConfigError: listing every changed key that is not allowed, with both values.
+    """
+    allowed = list(allowed)
+    changed = diff_configs(saved, current)
+    refused = {k: v for k, v in changed.items() if not _allowed(k, allowed)}
+    if refused:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(
+            f"cannot resume {where} with changed settings ({lines}). These change the data or the objective; "
+            f"use a new output_dir, or restore them. Settings a resume may change: {allowed}"
+        )
+    return {k: v for k, v in changed.items() if k not in refused}
 
 
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

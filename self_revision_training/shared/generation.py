@@ -117,6 +117,8 @@ class VLLMBackend:
         }
         if cfg.max_model_len is not None:
             kwargs["max_model_len"] = cfg.max_model_len
+        if cfg.distributed_executor_backend is not None:  # TP workers placed by Ray (self_distillation.placement)
+            kwargs["distributed_executor_backend"] = cfg.distributed_executor_backend
         if cfg.kv_cache_gb is not None or cpu:
             # On CPU gpu_memory_utilization is a fraction of NUMA-node memory and its default fails the
             # start-up memory check; an explicit KV size is the reliable setting.

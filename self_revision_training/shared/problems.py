@@ -10,21 +10,29 @@ last `\\boxed{}`. The worked reference solution (what OPSD-style teachers read) 
 `Problem.extras`. In code mode, tests come from `tests`, `test_cases`, `examples` (a list of
 {input, output} objects or [input, output] pairs, or that list as a JSON string).
 
-A malformed line, a missing or empty field, an answer of the wrong type or an empty dataset is a
-`DataFileError` naming the file and line (row for HF/parquet). With `on_bad_row="skip"` bad rows are
-dropped and counted in the returned `LoadReport` instead, never silently.
+A malformed line, bytes that are not UTF-8 (with their byte offset), a missing, null or empty field, an
+answer of the wrong type or an empty dataset is a `DataFileError` naming the file and line (row for
+HF/parquet). With `on_bad_row="skip"` bad rows are dropped and counted in the returned `LoadReport`
+instead, never silently; the row index of every later row stays its position in the file (JSONL lines
+are split on "\n" only, so a U+2028 or U+0085 inside a JSON string does not split a row).
+
+Rows whose problem text repeats an earlier row's are counted (`LoadReport.duplicates`, and those with a
+different answer in `duplicate_conflicts`) and warned about; `dataset.deduplicate=true` keeps the first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from self_revision_training.shared.answers import extract_boxed
 from self_revision_training.shared.config import DatasetConfig
-from self_revision_training.shared.storage import DataFileError
+from self_revision_training.shared.storage import DataFileError, decode_line, iter_lines, read_text_utf8
+
+log = logging.getLogger("sdzero.problems")
 
 PROBLEM_FIELDS = ("problem", "question", "query", "prompt")
 ANSWER_FIELDS = ("answer", "ground_truth", "solution")
@@ -62,29 +70,44 @@ class LoadReport:
     skip_reasons: dict[str, int] = field(default_factory=dict)  # reason -> count
     problem_field: str | None = None
     answer_field: str | None = None
+    duplicates: int = 0  # rows whose problem text repeats an earlier row's in the range
+    duplicate_conflicts: int = 0  # ... of which with a different answer (or tests)
+    deduplicated: int = 0  # duplicates dropped (dataset.deduplicate=true)
 
 
 def _read_rows(cfg: DatasetConfig) -> tuple[list[tuple[str, Any]], str]:
     """-> ([(location, row)], source name); location is "file:line" or "name[split]:row"."""
     path = Path(cfg.path)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataFileError(
+                f"dataset.path {path} is a directory; name a .json, .jsonl or .parquet file inside it"
+            )
         if not path.is_file():
             raise DataFileError(f"dataset file {path} does not exist")
         if path.suffix == ".jsonl":
             rows = []
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for lineno, offset, raw in iter_lines(path):  # "\n" only: str.splitlines splits on U+2028
+                location = f"{path}:{lineno}"
+                try:
+                    line = decode_line(path, lineno, offset, raw)
+                except DataFileError as exc:
+                    if cfg.on_bad_row == "error":
+                        raise
+                    rows.append((location, exc))
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                    rows.append((location, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     if cfg.on_bad_row == "error":
-                        raise DataFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-                    rows.append((f"{path}:{lineno}", exc))
+                        raise DataFileError(f"{location}: not valid JSON ({exc.msg})") from exc
+                    rows.append((location, exc))
             return rows, str(path)
         if path.suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(read_text_utf8(path))
             except json.JSONDecodeError as exc:
                 raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
             if isinstance(data, dict):  # {"train": [...], ...} or {"data": [...]}
@@ -186,13 +209,26 @@ def _extras(row: dict[str, Any], used: set[str | None]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in used}
 
 
+def _null_field(row: dict[str, Any], explicit: str | None, candidates: tuple[str, ...]) -> str | None:
+    """The field that is present but null, when no usable field was found (its own message)."""
+    names = (explicit,) if explicit is not None else candidates
+    return next((name for name in names if name in row and row[name] is None), None)
+
+
 def _parse_row(index: int, location: str, row: Any, cfg: DatasetConfig, report: LoadReport) -> Problem:
+    if isinstance(row, DataFileError):
+        raise row
     if isinstance(row, Exception):
         raise DataFileError(f"{location}: not valid JSON ({row})")
     if not isinstance(row, dict):
         raise DataFileError(f"{location}: expected an object with fields, got {type(row).__name__}")
     problem_field = _pick_field(row, cfg.problem_field, PROBLEM_FIELDS)
+    if problem_field is not None and row[problem_field] is None:
+        raise DataFileError(f"{location}: field {problem_field!r} is null")
     if problem_field is None:
+        null = _null_field(row, cfg.problem_field, PROBLEM_FIELDS)
+        if null is not None:
+            raise DataFileError(f"{location}: field {null!r} is null")
         wanted = cfg.problem_field or " / ".join(PROBLEM_FIELDS)
         raise DataFileError(f"{location}: no problem field ({wanted}); fields present: {sorted(row)}")
     problem = row[problem_field]
@@ -215,7 +251,14 @@ def _parse_row(index: int, location: str, row: Any, cfg: DatasetConfig, report: 
             extras=_extras(row, {problem_field, tests_field}),
         )
     answer_field = _pick_field(row, cfg.answer_field, ANSWER_FIELDS)
+    if answer_field is not None and row[answer_field] is None:
+        raise DataFileError(f"{location}: field {answer_field!r} is null")
+    if answer_field is None and cfg.answers == "optional":  # unlabelled: the reward source votes
+        return Problem(index=index, problem=problem, answer="", extras=_extras(row, {problem_field}))
     if answer_field is None:
+        null = _null_field(row, cfg.answer_field, ANSWER_FIELDS)
+        if null is not None:
+            raise DataFileError(f"{location}: field {null!r} is null (no answer to grade against)")
         wanted = cfg.answer_field or " / ".join(ANSWER_FIELDS)
         raise DataFileError(f"{location}: no answer field ({wanted}); fields present: {sorted(row)}")
     report.answer_field = answer_field
@@ -251,9 +294,11 @@ def load_problems(cfg: DatasetConfig) -> tuple[list[Problem], LoadReport]:
         except DataFileError as exc:
             if cfg.on_bad_row == "error":
                 raise
-            reason = str(exc).split(": ", 1)[-1].split(";")[0][:80]
+            reason = str(exc).split(": ", 1)[-1].split(";")[0]
+            reason = "not valid UTF-8" if reason.startswith("not valid UTF-8") else reason[:80]
             report.skipped += 1
             report.skip_reasons[reason] = report.skip_reasons.get(reason, 0) + 1
+    problems = _count_duplicates(problems, cfg, report)
     report.loaded = len(problems)
     if not problems:
         raise DataFileError(
@@ -261,3 +306,36 @@ def load_problems(cfg: DatasetConfig) -> tuple[list[Problem], LoadReport]:
             f"({report.skipped} skipped: {report.skip_reasons})"
         )
     return problems, report
+
+
+def _count_duplicates(problems: list[Problem], cfg: DatasetConfig, report: LoadReport) -> list[Problem]:
+    """Count (and with `cfg.deduplicate` drop) rows whose problem text repeats an earlier row's."""
+    first: dict[str, Problem] = {}
+    kept: list[Problem] = []
+    dropped_indices: list[int] = []
+    for problem in problems:
+        key = problem.problem.strip()
+        earlier = first.get(key)
+        if earlier is None:
+            first[key] = problem
+            kept.append(problem)
+            continue
+        report.duplicates += 1
+        report.duplicate_conflicts += (earlier.answer, earlier.tests) != (problem.answer, problem.tests)
+        if cfg.deduplicate:
+            report.deduplicated += 1
+            dropped_indices.append(problem.index)
+        else:
+            kept.append(problem)
+    if report.duplicates:
+        action = (
+            f"dropped them (dataset.deduplicate=true; rows {dropped_indices[:10]}"
+            f"{' ...' if len(dropped_indices) > 10 else ''})"
+            if cfg.deduplicate
+            else "kept them (set dataset.deduplicate=true to keep only the first of each)"
+        )
+        log.warning(
+            "dataset %s: %d rows repeat an earlier row's problem text (%d with a different answer); %s",
+            report.source, report.duplicates, report.duplicate_conflicts, action,
+        )  # fmt: skip
+    return kept

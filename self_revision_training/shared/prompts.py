@@ -53,12 +53,48 @@ class PromptSpecError(ValueError):
     """A missing or inconsistent prompt spec (sdzero_prompt.json)."""
 
 
-_PLACEHOLDER = re.compile(r"\{(problem|solution|instruction)\}")
+_BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# OPSD's student message (all releases; siyan-zhao/OPSD:data_collator.py): the student's user_template.
+OPSD_STUDENT_TEMPLATE = "Problem: {problem}\n\n" + _BOXED_INSTRUCTION
+_OPSD_TRANSITION = (
+    "\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind each "
+    "step \u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the "
+    "same final answer to the problem above. Think step by step, explore different approaches, and don't be "
+    "afraid to backtrack or reconsider if something doesn't work out:\n"
+)
+_OPSD_FIRST_RELEASE_TRANSITION = (
+    "\n\nAfter understanding the reference solution and the rationale behind each step, now articulate your "
+    "own step-by-step reasoning that derives the same final answer to the problem below:\n"
+)
+TEMPLATES = {  # named user templates; {prompt} = the student's whole user turn; filled in one pass
+    # OPSD's current teacher message (as mirrored in KongJing777/OPSD:data_collator.py @4cca250)
+    "opsd": (
+        "Problem: {problem}\n\nHere is a reference solution to this problem:\n=== Reference Solution Begin ===\n"
+        "{solution}\n=== Reference Solution End ===\n" + _OPSD_TRANSITION + "\n" + _BOXED_INSTRUCTION
+    ),
+    # OPSD's first release (siyan-zhao/OPSD:data_collator.py @590ec26)
+    "opsd_first_release": (
+        "{problem}\n\nHere is a reference solution to this problem:\n{solution}\n"
+        + _OPSD_FIRST_RELEASE_TRANSITION
+        + "\n"
+        + _BOXED_INSTRUCTION
+    ),
+    # revision_with_solution: the SRT teacher's own user turn with the reference solution appended
+    "with_solution": "{prompt}\n\nHere is a reference solution to this problem:\n{solution}",
+    # SDPO (trl/experimental/sdpo): reprompt_template with solution_template, no environment feedback
+    "sdpo": "{prompt}\nCorrect solution:\n\n{solution}\n\n\n\nCorrectly solve the original question.\n",
+    # OPSD's student message (a `prompt.user_template`)
+    "opsd_student": OPSD_STUDENT_TEMPLATE,
+}
+
+
+_PLACEHOLDER = re.compile(r"\{(problem|solution|instruction|prompt)\}")
 
 
 def fill_template(template: str, **values: str | None) -> str:
-    """Substitute {problem}, {solution}, {instruction} in one pass (values are not re-scanned, so braces in
-    a problem or solution, e.g. LaTeX, survive as written); a placeholder without a value is an error."""
+    """Substitute {problem}, {solution}, {instruction}, {prompt} in one pass (values are not re-scanned, so
+    braces in a problem or solution, e.g. LaTeX, survive as written); a placeholder without a value is an
+    error. `template` may name one of TEMPLATES."""
 
     def sub(match: re.Match[str]) -> str:
         value = values.get(match.group(1))
@@ -66,7 +102,7 @@ def fill_template(template: str, **values: str | None) -> str:
             raise PromptSpecError(f"prompt template uses {{{match.group(1)}}} but no value is available")
         return value
 
-    return _PLACEHOLDER.sub(sub, template)
+    return _PLACEHOLDER.sub(sub, TEMPLATES.get(template, template))
 
 
 def build_user_content(problem: str, cfg: PromptConfig) -> str:
@@ -126,15 +162,19 @@ def build_teacher_prompt(
     tokenizer: ChatTokenizer, problem: str, cfg: PromptConfig, solution: str | None = None
 ) -> PromptTokens:
     """The Phase-2 teacher's prompt: the student's chat(x) unless `cfg.teacher` sets its own user template
-    ({problem}, {solution}, {instruction}), system prompt, chat-template kwargs or assistant prefix (text
-    after the assistant-start marker, encoded as its own segment)."""
+    ({problem}, {solution}, {instruction}; {prompt} = the student's whole user turn), system prompt,
+    chat-template kwargs or assistant prefix (text after the assistant-start marker, its own segment)."""
     teacher = cfg.teacher
     system = cfg.system_prompt if teacher.system_prompt is None else (teacher.system_prompt or None)
     if teacher.user_template is None:
         user = build_user_content(problem, cfg)
     else:
         user = fill_template(
-            teacher.user_template, problem=problem, solution=solution, instruction=cfg.instruction
+            teacher.user_template,
+            problem=problem,
+            solution=solution,
+            instruction=cfg.instruction,
+            prompt=build_user_content(problem, cfg),
         )
     messages = _messages(system, user)
     text = build_chat_prompt_text(tokenizer, messages, cfg, teacher.chat_template_kwargs)

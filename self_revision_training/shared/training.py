@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from self_revision_training.shared import distributed as dist_utils
 from self_revision_training.shared.config import ModelConfig
+from self_revision_training.shared.health import (
+    GradientNoiseScale,
+    compute_grad_sq_norm,
+    compute_unit_mean_sq_norm,
+    compute_weight_change,
+    snapshot_params,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,11 +86,23 @@ class MicroBatch:
 
 
 @dataclass
+class HealthProbe:
+    """Training-health metrics of every optimizer step (`health.py`): the two-batch gradient noise scale
+    (small batch = the first micro-batch of every rank, big batch = the whole step, in sequences) and the
+    fraction of weights changed in the forward dtype with the update-to-weight norm ratio."""
+
+    noise: GradientNoiseScale = field(default_factory=GradientNoiseScale)  # EMA state (checkpoint it)
+    forward_dtype: torch.dtype | None = None  # the dtype the forward computes in (bf16 mixed precision)
+    num_sequences: Callable[[Any], float] = len  # real sequences of a micro-batch's inputs
+
+
+@dataclass
 class StepResult:
     loss: float  # the step's loss: summed terms / the global count of loss units
     grad_norm: float  # global L2 norm before clipping
     counts: list[float]  # the all-reduced counts (counts[0] = the loss units)
     outputs: list[Any]  # forward's second return value per micro-batch (detached statistics)
+    health: dict[str, float] = field(default_factory=dict)  # HealthProbe metrics (empty without one)
 
 
 def run_optimizer_step(
@@ -95,6 +114,7 @@ def run_optimizer_step(
     count: Callable[[Any], Sequence[float]],
     max_grad_norm: float,
     device: torch.device,
+    health: HealthProbe | None = None,
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches with the global-unit-mean normalisation.
 
@@ -103,6 +123,7 @@ def run_optimizer_step(
         count: inputs -> [loss units, other counters...] of that micro-batch (summed over micro-batches and
             all-reduced over ranks before any backward; only counts[0] normalises the loss).
         max_grad_norm: global L2 clip; <= 0 = no clipping (the norm is still computed).
+        health: compute the training-health metrics of this step (read-only: the update is unchanged).
     """
     world = dist_utils.world_size()
     per_batch = [[float(v) * mb.weight for v in count(mb.inputs)] for mb in micro_batches]
@@ -111,17 +132,36 @@ def run_optimizer_step(
     global_units = max(float(counts[0]), 1.0)
     scale = world / global_units  # FSDP2 averages gradients over ranks; x world undoes it
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    outputs = []
-    for mb in micro_batches:
+    outputs, small_sq = [], None
+    for k, mb in enumerate(micro_batches):
         micro_loss, output = forward(mb.inputs)
         (micro_loss * (scale * mb.weight)).backward()
         loss_sum += micro_loss.detach().double() * mb.weight
         outputs.append(output)
+        if health is not None and k == 0:  # the small batch of the noise scale: every rank's first one
+            small_sq = compute_grad_sq_norm(model.parameters(), dist_utils.all_reduce)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = snapshot_params(trained, health.forward_dtype) if health is not None else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = float(dist_utils.all_reduce(loss_sum)) / global_units
-    return StepResult(loss, float(grad_norm), [float(c) for c in counts], outputs)
+    metrics = {}
+    if health is not None:
+        sequences = [float(health.num_sequences(mb.inputs)) * mb.weight for mb in micro_batches]
+        n_first, n_all = dist_utils.all_reduce(
+            torch.tensor([sequences[0], sum(sequences)], dtype=torch.float64, device=device)
+        ).tolist()
+        if 0 < n_first < n_all:  # one micro-batch per rank: the two batches coincide, no estimate
+            unit = 1.0 / global_units  # the loss is normalised by the step's units: .grad = unit * sum
+            metrics |= health.noise.update(
+                compute_unit_mean_sq_norm(small_sq, n_first, unit),
+                compute_unit_mean_sq_norm(float(grad_norm) ** 2, n_all, unit),
+                n_first,
+                n_all,
+            )
+        metrics |= compute_weight_change(trained, before, dist_utils.all_reduce).as_metrics()
+    return StepResult(loss, float(grad_norm), [float(c) for c in counts], outputs, metrics)

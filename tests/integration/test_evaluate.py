@@ -271,3 +271,113 @@ def test_eval_script_passes_knobs_as_overrides(tmp_path):
 
     cfg = load_config(evaluate.EvalConfig, ROOT / "configs" / "eval.yaml", args[4:])
     assert cfg.ks == [1, 4, 8] and cfg.sampling.n == 8 and cfg.dataset.split == "test"
+
+
+def test_the_default_generation_budget_is_at_least_the_training_budget(tmp_path):
+    """Evaluating with fewer new tokens than Phase 2 trained with cuts a model below its own length."""
+    import dataclasses
+
+    from self_distillation.config import SelfDistillationConfig
+    from self_revision_training.shared.config import load_config
+
+    distill_default = next(f for f in dataclasses.fields(SelfDistillationConfig) if f.name == "sampling")
+    train_budget = distill_default.default_factory().max_tokens
+    assert evaluate.EvalConfig.__dataclass_fields__["sampling"].default_factory().max_tokens >= train_budget
+    yaml_cfg = load_config(
+        evaluate.EvalConfig,
+        ROOT / "configs" / "eval.yaml",
+        ["model.path=m", "dataset.path=d", "output_dir=o"],
+    )
+    distill_yaml = load_config(
+        SelfDistillationConfig, ROOT / "configs" / "phase2_distill.yaml",
+        ["student.path=s", "teacher.path=t", "train_data.path=d", "output_dir=o"],
+    )  # fmt: skip
+    assert yaml_cfg.sampling.max_tokens >= max(train_budget, distill_yaml.sampling.max_tokens)
+    # and the driver's default (MAX_TOKENS unset) passes that budget; a leading zero stays decimal
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+    base = {
+        **os.environ,
+        "MODEL_PATH": "m",
+        "DATASET": "d.jsonl",
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "NUM_GPUS": "0",
+        "PYTHON": str(fake),
+        "ARGS_FILE": str(tmp_path / "args.txt"),
+    }
+    base.pop("MAX_TOKENS", None)
+    for extra, expected in (
+        ({}, f"sampling.max_tokens={yaml_cfg.sampling.max_tokens}"),
+        ({"MAX_TOKENS": "0512", "N": "08"}, "sampling.max_tokens=512"),
+    ):
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "eval.sh")],
+            env={**base, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        args = (tmp_path / "args.txt").read_text().splitlines()
+        assert expected in args
+    assert "sampling.n=8" in args
+
+
+def test_a_second_evaluation_into_one_output_dir_exits_naming_the_first(tiny_model_dir, tmp_path):
+    holder_code = (
+        "import sys, time\n"
+        "from self_revision_training.shared.run_lock import acquire_run_lock\n"
+        "lock = acquire_run_lock(sys.argv[1], 'evaluation')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    data = write_jsonl(tmp_path / "d.jsonl", [{"problem": "What is 1 + 1?", "answer": "2"}])
+    out = tmp_path / "eval"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=f"in use by another run: pid {holder.pid}"):
+            evaluate.main(args_for(tiny_model_dir, data, out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "samples.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_eval_script_temperature_sweep_runs_once_per_temperature_then_the_table(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> "$ARGS_FILE"\necho ---- >> "$ARGS_FILE"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "MODEL_PATH": "m",
+        "DATASET": "d.jsonl",
+        "OUTPUT_DIR": str(out),
+        "NUM_GPUS": "0",
+        "TEMPERATURES": "0,0.6 1.0",
+        "PYTHON": str(fake),
+        "ARGS_FILE": str(tmp_path / "args.txt"),
+    }
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [c.strip().splitlines() for c in (tmp_path / "args.txt").read_text().split("----") if c.strip()]
+    assert len(calls) == 4
+    for call, t in zip(calls[:3], ("0", "0.6", "1.0"), strict=True):
+        assert call[:2] == ["-m", "self_distillation.evaluate"]
+        assert f"sampling.temperature={t}" in call and f"output_dir={out}/T{t}" in call
+        assert sum(a.startswith("sampling.temperature=") for a in call) == 1
+    assert calls[3] == ["-m", "self_distillation.report", f"{out}/T0", f"{out}/T0.6", f"{out}/T1.0"]
+    bad = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "eval.sh")],
+        env={**env, "TEMPERATURES": "0 hot"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "TEMPERATURES" in bad.stderr

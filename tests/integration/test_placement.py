@@ -36,7 +36,7 @@ def test_plan_bundles_colocated_one_learner_per_bundle_engines_spread():
     a = plan_bundles(4, 4, num_rollout_engines=2, rollout_tp_size=2)
     assert [a.slot("learner", r).bundles for r in range(4)] == [(0,), (1,), (2,), (3,)]
     assert a.slot("rollout", 0).bundles == (0, 1) and a.slot("rollout", 1).bundles == (2, 3)
-    assert a.slot("teacher").bundles == (0,) and a.slot("verifier").bundles == ()
+    assert a.slot("teacher").bundles == (0,) and a.slot("reward").bundles == ()
     assert a.bundle_load() == [1.0, 0.75, 0.75, 0.75]
     assert plan_bundles(4, 4, teacher_bundle=3).bundle_load() == [0.75, 0.5, 0.5, 0.75]
 
@@ -68,7 +68,7 @@ def test_plan_bundles_every_layout_keeps_learners_on_distinct_bundles_and_fits()
 def test_plan_bundles_cpu_run_has_no_bundles():
     a = plan_bundles(0, 2, num_rollout_engines=2)
     assert a.num_bundles == 0 and all(s.bundles == () and s.gpu_share == 0 for s in a.slots)
-    assert a.count_by_role() == {"learner": 2, "rollout": 2, "teacher": 1, "verifier": 1}
+    assert a.count_by_role() == {"learner": 2, "rollout": 2, "teacher": 1, "reward": 1}
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def probe_classes() -> tuple[type, type]:
     this test module (tests/integration is not a package)."""
 
     class Probe:
-        """Stands in for Learner / RolloutWorker (TP=1) / Teacher / VerifierPool: reports where Ray put it."""
+        """Stands in for Learner / RolloutWorker (TP=1) / Teacher / RewardWorker: reports where Ray put it."""
 
         def where(self) -> list[tuple[str, int | None]]:
             import ray
@@ -223,7 +223,7 @@ def test_colocated_learners_get_distinct_gpus(ray_8_gpus, n):
     assert len(set(devices)) == n and all(gpu is not None for _, gpu in devices)
     # rollout engine 0 and the teacher sit in bundle 0, i.e. on learner 0's GPU
     assert where[("rollout", 0)] == where[("teacher", 0)] == [devices[0]]
-    assert where[("verifier", 0)][0][1] is None
+    assert where[("reward", 0)][0][1] is None
 
 
 def test_two_rollout_engines_colocated_tp1_and_tp2(ray_8_gpus):
@@ -256,7 +256,7 @@ def test_split_gives_rollout_and_teacher_their_own_gpus(ray_8_gpus):
         plan.remove()
     devices = learner_devices(plan, where) + where[("rollout", 0)] + where[("teacher", 0)]
     assert len(set(devices)) == 4
-    assert [r["gpu_share"] for r in plan.table() if r["role"] != "verifier"] == [1.0] * 4
+    assert [r["gpu_share"] for r in plan.table() if r["role"] != "reward"] == [1.0] * 4
     with pytest.raises(ValueError, match="ray.num_gpus is 4"):
         place(num_gpus=4, num_learners=3, placement="split")
 
@@ -266,7 +266,7 @@ def test_cpu_run_and_too_few_cluster_gpus(ray_8_gpus):
     assert plan.placement_group is None
     assert plan.options("learner", 1) == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert plan.options("teacher") == {"num_cpus": 0.0, "num_gpus": 0.0}
-    assert plan.options("verifier") == {"num_cpus": 0.0}
+    assert plan.options("reward") == {"num_cpus": 0.0}
     where = launch(plan)
     assert all(gpu is None for ws in where.values() for _, gpu in ws)
     with pytest.raises(ValueError, match="ray.num_gpus=16 but the Ray cluster has 8 GPUs"):

@@ -48,9 +48,13 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
         "eval/srt/summary.json",
         "eval/sd-zero/summary.json",
         "phase2_curves.png",
+        "localization_curves.png",
+        "distill/dumps/step_000002.jsonl.gz",
+        "distill/dumps/step_000002.html",
         "results.txt",
     ]:
         assert (out / path).is_file(), path
+    assert f"token by token: {out / 'distill/dumps/step_000002.html'}" in result.stdout
     table = (out / "results.txt").read_text()
     for label in ("base", "srt", "sd-zero"):
         assert any(line.startswith(label) for line in table.splitlines()), table

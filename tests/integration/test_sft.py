@@ -7,7 +7,9 @@ marked `slow` (scripts/test.sh runs them; a bare `pytest` does not).
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -187,6 +189,16 @@ def test_resume_gives_the_same_weights(tiny_model_dir, data_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     done = run_sft(common(tiny_model_dir, data_dir, part, grad_accum=2, max_steps=5))
     assert "nothing to do" in done.stdout
+    # budget.json: what the stage trained on, carried through the resume; health metrics every step
+    budgets = [json.loads((d / "budget.json").read_text()) for d in (full, part)]
+    for budget in budgets:
+        assert budget.pop("wall_seconds") and budget.pop("wall_seconds_total") > 0
+    assert budgets[0] == budgets[1]
+    assert budgets[0]["optimizer_steps"] == 5
+    assert budgets[0]["tokens_trained"] == sum(r["num_completion_tokens"] for r in read_metrics(full))
+    for row in read_metrics(part):
+        assert 0 < row["frac_weights_changed"] <= 1 and row["update_to_weight_ratio"] > 0
+        assert math.isfinite(row["gns_grad_sq_step"])  # grad_accum 2: a small and a big batch
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +314,98 @@ def test_final_loads_in_vllm(sft_sh_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "VLLM_TOKENS 8" in proc.stdout
+
+
+# ---------------------------------------------------------------- resuming with changed settings
+
+
+def fake_checkpoint(out: Path, args: list[str], step: int = 3) -> Path:
+    """A complete-looking step dir whose trainer_state records the config of `args` (no weights needed:
+    the settings check runs before anything loads)."""
+    from self_revision_training.sft import SFTConfig
+    from self_revision_training.shared.config import load_config, to_dict
+
+    cfg = load_config(SFTConfig, REPO / "configs" / "tiny" / "sft.yaml", args)
+    path = out / "checkpoints" / f"step_{step:06d}"
+    (path / "model_optim").mkdir(parents=True)
+    (path / "model_optim" / ".metadata").write_bytes(b"")
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "config": to_dict(cfg)}))
+    return path
+
+
+def test_resume_refuses_changed_data_or_objective_and_lists_the_keys(tiny_model_dir, data_dir, tmp_path):
+    from self_revision_training import sft
+
+    out = tmp_path / "run"
+    args = common(tiny_model_dir, data_dir, out, grad_accum=2, max_steps=5, save_every=3)
+    ckpt = fake_checkpoint(out, args)
+    changed = [
+        f"data.train_file={data_dir / 'srt_stage2.jsonl'}",
+        "seed=1",
+        "max_length=256",
+        "lr_schedule=linear",
+        "stage2_layout=user_turn",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        sft.main(["--config", str(REPO / "configs" / "tiny" / "sft.yaml"), *args, *changed])
+    message = str(exc.value)
+    assert f"cannot resume SFT from {ckpt} with changed settings" in message
+    for key in ("data.train_file", "seed: 0 -> 1", "max_length: 512 -> 256", "lr_schedule", "stage2_layout"):
+        assert key in message
+    # the documented allow-list passes the check and is reported
+    cfg = sft.parse_cli(
+        sft.SFTConfig,
+        [
+            "--config",
+            str(REPO / "configs/tiny/sft.yaml"),
+            *args,
+            "max_steps=9",
+            "keep_last=3",
+            "lr=5e-4",
+            "log_every=2",
+        ],
+    )
+    assert set(sft.check_resume_settings(cfg)) == {"max_steps", "keep_last", "lr", "log_every"}
+    # an empty step dir (no trainer_state.json) is not resumed from, so nothing to compare with
+    shutil.rmtree(ckpt)
+    (out / "checkpoints" / "step_000006").mkdir()
+    assert sft.check_resume_settings(sft.parse_cli(sft.SFTConfig, [*args, "seed=1"])) == {}
+
+
+@pytest.mark.slow
+def test_resume_applies_a_changed_learning_rate(tiny_model_dir, data_dir, tmp_path):
+    from self_revision_training.shared.training import build_lr_lambda
+
+    part = tmp_path / "part"
+    run_sft(common(tiny_model_dir, data_dir, part, grad_accum=2, max_steps=3, save_every=3))
+    proc = run_sft(common(tiny_model_dir, data_dir, part, grad_accum=2, max_steps=5, save_every=3, lr=5e-4))
+    assert "lr 0.001 -> 0.0005: applied" in proc.stdout
+    multiplier = build_lr_lambda("cosine", 12, 0)  # 12 examples / global batch 2 x 2 epochs, no warm-up
+    lrs = [r["lr"] for r in read_metrics(part)]
+    assert lrs == pytest.approx(
+        [1e-3 * multiplier(s) for s in range(3)] + [5e-4 * multiplier(s) for s in (3, 4)]
+    )
+    saved = yaml_load(part / "config.yaml")
+    assert saved["lr"] == 5e-4  # config.yaml records what was applied
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_a_second_sft_run_into_one_output_dir_exits_naming_the_first(tiny_model_dir, data_dir, tmp_path):
+    from self_revision_training.shared.run_lock import acquire_run_lock
+
+    out = tmp_path / "run"
+    with acquire_run_lock(out, "SFT"):  # stands for a running SFT (rank 0 holds the lock)
+        proc = subprocess.run(
+            [sys.executable, "-m", "self_revision_training.sft", "--config", "configs/tiny/sft.yaml",
+             *common(tiny_model_dir, data_dir, out, max_steps=2)],
+            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"in use by another run: pid {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()

@@ -23,3 +23,16 @@ def die(code):
 
 def allocate(megabytes):
     return len(bytearray(megabytes * 1024 * 1024))
+
+
+def act(kind, value):
+    """One target for mixed batches: "ok" returns value, "sleep" sleeps value s, "raise", "exit", "hang"."""
+    if kind == "raise":
+        raise ValueError(value)
+    if kind == "exit":
+        os._exit(value)
+    if kind == "hang":
+        time.sleep(600)
+    if kind == "sleep":
+        time.sleep(value)
+    return value

@@ -13,6 +13,8 @@ from self_revision_training.shared.config import (
     GradingConfig,
     PromptConfig,
     SamplingConfig,
+    check_resume_config,
+    diff_configs,
     load_config,
     parse_cli,
     parse_override,
@@ -118,3 +120,61 @@ def test_grading_config_validation():
         GradingConfig(timeout_s=0)
     with pytest.raises(ValueError):
         GradingConfig(num_workers=0)
+
+
+def test_integers_with_leading_zeros_are_decimal(tmp_path):
+    # YAML 1.1 (PyYAML) reads 010 as octal 8 and 1:30 as 90; a knob 010 means ten.
+    assert parse_override("steps=010") == ("steps", 10)
+    assert parse_override("steps=-007") == ("steps", -7)
+    assert parse_override("steps=08") == ("steps", 8)  # 1.1: the string '08'
+    assert parse_override("a=0x1F") == ("a", 31) and parse_override("a=0o10") == ("a", 8)
+    assert parse_override("a=1_000") == ("a", 1000) and parse_override("a=1:30") == ("a", "1:30")
+    assert parse_override("a=[010, 2]") == ("a", [10, 2]) and parse_override("a=0.5") == ("a", 0.5)
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 010\ndataset:\n  start_index: 0100\n")
+    cfg = load_config(DemoConfig, path, ["dataset.end_index=0200"])
+    assert (cfg.steps, cfg.dataset.start_index, cfg.dataset.end_index) == (10, 100, 200)
+
+
+def test_check_resume_config_lists_refused_keys_and_returns_allowed_ones():
+    saved = to_dict(load_config(DemoConfig, None, ["steps=10", "output_dir=a"]))
+    current = to_dict(
+        load_config(DemoConfig, None, ["steps=20", "lr=1e-5", "sampling.top_p=0.9", "output_dir=a"])
+    )
+    with pytest.raises(
+        ConfigError, match=r"changed settings \(lr: 5e-06 -> 1e-05; sampling.top_p: 1.0 -> 0.9\)"
+    ):
+        check_resume_config(saved, current, allowed=["steps"], where="run x")
+    changed = check_resume_config(saved, current, allowed=["steps", "lr", "sampling"], where="run x")
+    assert changed == {"steps": (10, 20), "lr": (5e-6, 1e-5), "sampling.top_p": (1.0, 0.9)}
+    assert check_resume_config(saved, current, allowed=["s*", "l?"], where="x").keys() == changed.keys()
+    # a key the saved config lacks (written before the key existed) and git_sha are not compared
+    older = {k: v for k, v in saved.items() if k != "lr"} | {"git_sha": "abc"}
+    assert diff_configs(older, saved) == {}
+    # a section that gained entries is reported with its new value
+    grown = to_dict(load_config(DemoConfig, None, ["prompt.chat_template_kwargs={enable_thinking: false}"]))
+    assert diff_configs(saved, grown)["prompt.chat_template_kwargs"] == ({}, {"enable_thinking": False})
+
+
+def test_dataset_config_deduplicate_is_an_opt_in_knob():
+    assert DatasetConfig().deduplicate is False
+    assert load_config(DemoConfig, None, ["dataset.deduplicate=true"]).dataset.deduplicate is True
+
+
+@dataclass
+class PhaseDefaultsConfig:
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.9, max_tokens=8192))
+    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig(split="test"))
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
+    # Before: `sampling.temperature=0.7` rebuilt SamplingConfig() from the class defaults (max_tokens 1024,
+    # top_p 1.0), and `dataset.path=...` turned an evaluation's split "test" into "train".
+    cfg = load_config(PhaseDefaultsConfig, None, ["sampling.temperature=0.7", "dataset.path=x.jsonl"])
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_tokens) == (0.7, 0.9, 8192)
+    assert (cfg.dataset.path, cfg.dataset.split) == ("x.jsonl", "test")
+    path = tmp_path / "c.yaml"
+    path.write_text("sampling:\n  n: 2\n")
+    assert load_config(PhaseDefaultsConfig, path).sampling.max_tokens == 8192
+    with pytest.raises(ConfigError, match="unknown config key 'sampling.temprature'"):
+        load_config(PhaseDefaultsConfig, None, ["sampling.temprature=0.7"])

@@ -212,6 +212,15 @@ def test_format_table_renders_aligned_rows():
     assert lines[3].split() == ["single", "1", "4", "50.0", "50.0", "-", "100.0", "-", "25", "0.0"]
 
 
+def test_a_temperature_sweep_gets_a_temperature_column():
+    rows = [{**summarize(_records(), ks=[1]), "label": "m", "decoding": {"temperature": t}} for t in (0.0, 0.6)]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:4] == ["model", "problems", "n", "T"]
+    assert [line.split()[3] for line in lines[2:]] == ["0", "0.6"]
+    same = format_table([rows[0], {**rows[1], "decoding": {"temperature": 0.0}}])
+    assert "T" not in same.splitlines()[0].split()  # one temperature: no column (tables stay as they were)
+
+
 def test_evaluation_core_imports_without_heavy_deps():
     probe = (
         "import sys\n"

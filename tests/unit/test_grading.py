@@ -14,7 +14,12 @@ from self_revision_training.shared.answers import (
     normalize_ground_truth,
 )
 from self_revision_training.shared.config import GradingConfig
-from self_revision_training.shared.rewards.math_verify import MathGrader, grade_math, grade_math_detailed
+from self_revision_training.shared.rewards.math_verify import (
+    MathGrader,
+    grade_math,
+    grade_math_detailed,
+    verify_in_worker,
+)
 
 B = "\\boxed"
 
@@ -219,3 +224,58 @@ def test_bad_batch_input(grader):
         grader.grade_batch(["a", "b"], ["1"])
     with pytest.raises(TypeError, match="item 0"):
         grader.grade_batch([None], ["1"])  # type: ignore[list-item]
+
+
+# Shapes that exercise the grader workers' exact speed-ups: SLL parsing fails (`x^2`, `x_1`, `\pi^2`) or
+# succeeds (sets, intervals, tuples, matrices, relations), lexing errors, syntax errors in both modes.
+SPEEDUP_CASES = [
+    (rf"{B}{{8726+93x^2}}", "92x^2+8726"),
+    (rf"{B}{{92x^2+8726}}", "92x^2+8726"),
+    (rf"{B}{{\pi^2}}", r"\pi^{2}"),
+    (rf"{B}{{a_1+b_{{10}}}}", "a_1+b_{10}"),
+    (rf"{B}{{x_1^2}}", "x_1^2"),
+    (rf"{B}{{2^{{x^2}}}}", "2^{x^2}"),
+    (rf"{B}{{[14, 5082)}}", "[14, 5082)"),
+    (rf"{B}{{(14, 5082]}}", "[14, 5082)"),
+    (rf"{B}{{\{{4, 5\}}}}", r"\{5, 4\}"),
+    (rf"{B}{{(1, 2), (3, 4)}}", "(1,2),(3,4)"),
+    (rf"{B}{{\begin{{pmatrix}} 1 & 2 \end{{pmatrix}}}}", r"\begin{pmatrix}1&2\end{pmatrix}"),
+    (rf"{B}{{f(x) = x^2 + 1}}", "x^2+1"),
+    (rf"{B}{{@#~}}", "3"),
+    (rf"{B}{{x^}}", "3"),
+    (rf"{B}{{\frac{{1}}{{}}}}", "1"),
+    (rf"{B}{{\foo{{3}}}}", "3"),
+    (rf"{B}{{3}}", "@#~"),
+    (rf"{B}{{1,234,567}}", "1234567"),
+    (rf"{B}{{0.1 + 0.2}}", "0.3"),
+    (rf"{B}{{\sin^2 x + \cos^2 x}}", "1"),
+    (rf"{B}{{\sqrt[3]{{27}}}}", "3"),
+    (rf"{B}{{\log_2 8}}", "3"),
+    (rf"{B}{{\binom{{5}}{{2}}}}", "10"),
+    (rf"{B}{{5!}}", "120"),
+    (rf"{B}{{|-3|}}", "3"),
+    (rf"{B}{{\mathbb{{R}}}}", r"(-\infty,\infty)"),
+    (rf"{B}{{\emptyset}}", r"\{\}"),
+    (rf"{B}{{y = 2x + 3}}", "2x+3"),
+    (rf"{B}{{x \in [0, 1]}}", "[0,1]"),
+    (rf"{B}{{1 \le x < 2}}", "[1,2)"),
+    (rf"{B}{{\frac{{1+\sqrt{{5}}}}{{2}}}}", r"\frac{1+\sqrt5}{2}"),
+    (rf"{B}{{10^{{-3}}}}", "0.001"),
+    (rf"{B}{{3 \times 10^5}}", "300000"),
+    (rf"{B}{{x^2 - 5x + 6}}", "(x-2)(x-3)"),
+    (rf"{B}{{\alpha^2+\beta_1}}", r"\beta_1+\alpha^2"),
+    (rf"{B}{{\text{{yes}}}}", "Yes"),
+]
+
+
+def test_batches_equal_one_item_calls_and_plain_math_verify(grader):
+    """Chunked dispatch and the workers' speed-ups change no grade: compare with one-item calls and with
+    math-verify run unmodified in this process (which never installs the speed-ups)."""
+    cases = [(r, g) for r, g, _ in GRADE_TABLE] + SPEEDUP_CASES
+    responses, truths = [r for r, _ in cases], [g for _, g in cases]
+    batched = grader.grade_batch(responses, truths)
+    single = [grader.grade(r, g) for r, g in cases]
+    plain = [verify_in_worker(r, g, "boxed", max(1, int(5.0 // 3))) for r, g in cases]
+    assert batched == single
+    mismatches = [(c, b, p) for c, b, p in zip(cases, batched, plain, strict=True) if b != p]
+    assert not mismatches, mismatches

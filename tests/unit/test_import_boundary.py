@@ -22,6 +22,10 @@ CORE = [
     "self_revision_training.shared.rewards",
     "self_revision_training.shared.rewards.math_verify",
     "self_revision_training.shared.rewards.code_tests",
+    "self_revision_training.shared.rewards.majority_vote",
+    "self_revision_training.shared.rewards.equivalence",
+    "self_revision_training.shared.budget",
+    "self_revision_training.shared.run_lock",
     "self_revision_training.shared.health",
     # Phase 1 core
     "self_revision_training.revision_data",
@@ -39,6 +43,9 @@ CORE = [
     "self_distillation.evaluation",
     "self_distillation.comparison",
     "self_distillation.paired_stats",
+    "self_distillation.grpo",
+    "self_distillation.localization",
+    "self_distillation.token_page",
 ]
 FORBIDDEN = ("vllm", "ray", "torch.distributed")
 
@@ -114,6 +121,7 @@ def test_core_list_covers_every_pure_module():
         "self_revision_training.shared.training",
         "self_revision_training.shared.target_logits",
         "self_revision_training.shared.run_log",
+        "self_revision_training.shared.lora",
         "self_revision_training.shared.rewards.sandbox_exec",
         "self_revision_training.shared",
     }

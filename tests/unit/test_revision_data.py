@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from self_revision_training import prepare_data
-from self_revision_training.revision_data import CollectionStats, load_verified
+from self_revision_training.revision_data import (
+    CollectionStats,
+    build_init_record,
+    build_revision_record,
+    load_verified,
+)
 from self_revision_training.shared.config import DEFAULT_CORRECT_PHRASE as P1
 from self_revision_training.shared.config import DEFAULT_INCORRECT_PHRASE as P0
 from self_revision_training.shared.storage import DataFileError, iter_committed_batches, recover_batch_log
@@ -312,3 +317,63 @@ def test_prepare_data_rejects_a_phrase_outside_the_prompt_spec(tmp_path):
     )
     with pytest.raises(SystemExit, match="neither phrase"):
         prepare_data.main([f"input={path}", f"output_dir={tmp_path / 'o'}", "stage2_size=1"])
+
+
+def test_the_same_tuple_twice_in_one_shard_says_so(tmp_path):
+    shard = tmp_path / "shard-0-of-1"
+    shard.mkdir()
+    write_log(shard / "attempts.jsonl", [[rec(0, False), rec(1, False)], [rec(0, False)]])  # two writers
+    with pytest.raises(DataFileError, match=r"duplicate tuples within one shard: tuple \(0, 0, 0\)"):
+        load_verified(tmp_path)
+    with pytest.raises(SystemExit, match="duplicate tuples within one shard"):
+        prepare_data.main([f"input={tmp_path}", f"output_dir={tmp_path / 'o'}", "stage2_size=1"])
+
+
+def test_records_store_the_sampled_ids_without_end_of_turn():
+    from types import SimpleNamespace
+
+    problem = SimpleNamespace(index=3, problem="1+1?", answer="2")
+    verdict = SimpleNamespace(correct=False, extracted="3", reason="wrong")
+    eos = frozenset({99})
+    init = build_init_record(
+        problem, 0, SimpleNamespace(text="x", token_ids=[5, 6, 99], finish_reason="stop"), verdict, 0, 0, eos
+    )
+    assert init["y_init_ids"] == [5, 6]
+    cut = build_init_record(
+        problem, 1, SimpleNamespace(text="x", token_ids=[5, 6], finish_reason="length"), verdict, 0, 0, eos
+    )
+    assert cut["y_init_ids"] == [5, 6]
+    revision = build_revision_record(
+        init, P0, 0, SimpleNamespace(text="y", token_ids=[7, 99], finish_reason="stop"), verdict, eos
+    )
+    assert revision["y_init_ids"] == [5, 6] and revision["y_revised_ids"] == [7]
+
+
+def test_prepare_data_carries_sampled_ids_and_drops_them_when_cleaning_changes_a_text(tmp_path):
+    loop = "again and again. " * 5
+    records = [rec(i, init_correct=i < 2) | {"y_init_ids": [i, 1], "y_revised_ids": [i, 2]} for i in range(6)]
+    records[5] |= {"y_init": "first try 5 " + loop, "y_revised": "You're right, revised 5"}  # both cleaned
+    records[4].pop("y_init_ids")  # e.g. written before ids were stored
+    coll = tmp_path / "collect" / "shard-0-of-1"
+    coll.mkdir(parents=True)
+    write_log(coll / "attempts.jsonl", [records])
+    out = tmp_path / "data"
+    stats = prepare_data.main([f"input={tmp_path / 'collect'}", f"output_dir={out}", "stage2_size=3"])
+    assert stats["token_ids"] == {"kept": 9, "reencoded_after_cleaning": 2, "missing": 1}
+    rows = [
+        json.loads(line)
+        for f in ("srt_stage1.jsonl", "srt_stage2.jsonl")
+        for line in (out / f).read_text().splitlines()
+    ]
+    by_index = {r["original_index"]: r for r in rows}
+    assert by_index[0]["y_init_ids"] == [0, 1] and by_index[0]["y_revised_ids"] == [0, 2]
+    assert by_index[5]["y_init_ids"] is None and by_index[5]["y_revised_ids"] is None
+    assert by_index[5]["y_revised"] == "Revised 5" and by_index[4]["y_init_ids"] is None
+
+
+def test_collection_stats_count_prompts_too_long():
+    stats = CollectionStats()
+    stats.add_batch({"indices": [0, 1, 2], "prompt_too_long": [1]}, [])
+    stats.add_batch({"indices": [3]}, [])  # markers written before the field existed
+    assert stats.to_dict()["problems_skipped"] == {"prompt_too_long": 1}
+    assert stats.to_dict()["problems_done"] == 4

@@ -21,7 +21,17 @@ from self_revision_training.shared.problems import Problem
 from self_revision_training.shared.rewards import Verdict
 
 
-def sd_zero_items(prompts, samples, rewards, phrases, *, problem_indices, eos_token_ids, max_teacher_tokens):
+def sd_zero_items(
+    prompts,
+    samples,
+    rewards,
+    phrases,
+    *,
+    problem_indices,
+    eos_token_ids,
+    max_teacher_tokens,
+    drop_truncated=False,
+):
     """build_rollout_items with SD-Zero's self-revision context (the default teacher context)."""
     by_index = dict(zip(problem_indices, prompts, strict=True))
     context = SelfRevisionContext(
@@ -33,7 +43,7 @@ def sd_zero_items(prompts, samples, rewards, phrases, *, problem_indices, eos_to
     problems = [Problem(index=i, problem=f"p{i}", answer="1") for i in problem_indices]
     rows = [[(ids, "", finish, lp) for ids, finish, lp in row] for row in samples]
     verdicts = [[Verdict(r, None, "correct" if r else "wrong") for r in row] for row in rewards]
-    return build_rollout_items(context, problems, prompts, rows, verdicts)
+    return build_rollout_items(context, problems, prompts, rows, verdicts, drop_truncated=drop_truncated)
 
 
 @pytest.mark.parametrize("kl_type", ["forward", "reverse", "mixed", "jsd"])
@@ -96,7 +106,7 @@ def test_build_rollout_items_picks_phrase_by_reward_and_skips_bad_samples():
         eos_token_ids=eos,
         max_teacher_tokens=100,
     )
-    assert skipped == {"empty_response": 1, "no_teacher_budget": 0}
+    assert skipped == {"empty_response": 1, "no_teacher_budget": 0, "truncated_rollout": 0}
     first = items[0]
     assert first.teacher_ids == [1, 2, 5, 6, 7, 1, 7, 5, 6, 99]  # first copy without EOS, P_1 block
     assert first.teacher_mask == [0] * 7 + [1] * 3 and first.student_mask == [0, 0, 1, 1, 1]
@@ -111,6 +121,16 @@ def test_build_rollout_items_picks_phrase_by_reward_and_skips_bad_samples():
         max_teacher_tokens=6,
     )
     assert skipped["no_teacher_budget"] == 1
+
+
+def test_truncated_rollouts_are_distilled_or_dropped_and_counted():
+    phrases = {True: [7, 1, 7], False: [7, 0, 7]}
+    samples = [[([5, 6, 99], "stop", None), ([5] * 10, "length", None)]]
+    kwargs = {"problem_indices": [0], "eos_token_ids": frozenset({99}), "max_teacher_tokens": None}
+    items, skipped = sd_zero_items([[1, 2]], samples, [[True, False]], phrases, **kwargs)
+    assert [i.finish_reason for i in items] == ["stop", "length"] and skipped["truncated_rollout"] == 0
+    items, skipped = sd_zero_items([[1, 2]], samples, [[True, False]], phrases, drop_truncated=True, **kwargs)
+    assert [i.finish_reason for i in items] == ["stop"] and skipped["truncated_rollout"] == 1
 
 
 def test_collate_and_plan_give_every_rank_the_same_number_of_micro_batches():

@@ -19,7 +19,6 @@ from self_revision_training.shared.problems import Problem
 from self_revision_training.shared.prompts import (
     build_generation_prompt,
     build_phrase_block,
-    build_phrase_ids,
     build_teacher_prompt,
     encode_text,
     fill_template,
@@ -98,14 +97,10 @@ def test_the_teacher_prompt_defaults_to_the_students_and_can_differ(qwen_tokeniz
     # the self-revision context reads the teacher's own prompt; the student keeps its own
     ids = encode_text(qwen_tokenizer, "So \\boxed{1}.") + [qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")]
     context = build_teacher_context(
-        "self_revision",
-        teacher_prompt_ids=lambda p: teacher.ids,
-        phrase_ids=build_phrase_ids(qwen_tokenizer, cfg),
-        eos_token_ids=frozenset({ids[-1]}),
-        keep_first_copy_eos=False,
-        max_teacher_tokens=None,
+        "self_revision", qwen_tokenizer, teacher_cfg, eos_token_ids=frozenset({ids[-1]})
     )
-    pair = context.build(Problem(0, problem, "1"), student.ids, ids, Verdict(False, "1", "wrong"), []).pair
+    solved = Problem(0, problem, "1", solution=r"\boxed{1}")
+    pair = context.build(solved, student.ids, ids, Verdict(False, "1", "wrong"), []).pair
     assert pair.student.input_ids == student.ids + ids
     assert pair.teacher.input_ids[: len(teacher.ids)] == teacher.ids
     assert qwen_tokenizer.decode(pair.teacher.input_ids) == (
@@ -140,7 +135,7 @@ def test_divergence_from_the_config_carries_every_loss_option():
         LossConfig(kl_type="jsd", clip_per_entry=0.1)
 
 
-@pytest.mark.parametrize("top_k", [None, 6])
+@pytest.mark.parametrize("top_k", [1, 6])  # full vocabulary: tests/unit/test_full_vocabulary.py
 def test_distillation_objective_equals_the_dense_reference(tiny_model_dir, top_k):
     """Through the learner's own path (target positions, chunked lm_head, teacher top-k rows), the loss
     sum and the student gradients equal the dense full-logit reference on the same sequences."""
@@ -161,7 +156,7 @@ def test_distillation_objective_equals_the_dense_reference(tiny_model_dir, top_k
                 teacher(torch.tensor([ids])).logits[0, :-1][torch.tensor(mask[1:]).bool()] / div.temperature
             )
         lp = logits.log_softmax(-1)
-        values, top = (lp, None) if top_k is None else lp.topk(top_k, -1)
+        values, top = lp.topk(top_k, -1)
         samples.append(
             LearnerSample(ids, mask, True, None, {"ids": top, "logprobs": values, "target_logprobs": None})
         )

@@ -15,7 +15,12 @@ from self_revision_training.sft_data import (
     load_records,
 )
 from self_revision_training.shared.config import PromptConfig
-from self_revision_training.shared.prompts import build_generation_prompt, build_phrase_block, select_phrase
+from self_revision_training.shared.prompts import (
+    build_generation_prompt,
+    build_phrase_block,
+    build_revision_stage_texts,
+    select_phrase,
+)
 from self_revision_training.shared.storage import DataFileError
 
 CFG = PromptConfig()
@@ -301,3 +306,67 @@ def test_prepare_data_records_are_accepted(tiny_tokenizer, stage):
     assert report.num_examples == 1 and tiny_tokenizer.decode(ex.input_ids).endswith(
         base["y_revised"] + "<|im_end|>"
     )
+
+
+# ---------------------------------------------------------------- the token ids Phase 1 sampled
+
+SAMPLED_INIT = "We get 3 + 4 = 8.\n\nSo the answer is \\boxed{8}."
+SAMPLED_REV = "First 3 + 4 = 7.\n\nTherefore the answer is \\boxed{7}."
+
+
+def sampled_pair(tok, text: str) -> list[int]:
+    """Ids as a model samples them: "." and "\\n\\n" as two tokens (re-encoding the text merges them)."""
+    head, tail = text.split("\n\n", 1)
+    return encode(tok, head) + encode(tok, "\n\n" + tail)
+
+
+def encode(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+@pytest.mark.parametrize(("stage", "layout"), [(1, "continuation"), (2, "continuation"), (2, "user_turn")])
+def test_sft_trains_on_the_sampled_ids_not_on_re_encoded_text(qwen_tokenizer, stage, layout):
+    tok = qwen_tokenizer
+    period, newlines, merged = (tok.convert_tokens_to_ids(t) for t in (".", "ĊĊ", ".ĊĊ"))
+    init_ids, rev_ids = sampled_pair(tok, SAMPLED_INIT), sampled_pair(tok, SAMPLED_REV)
+    assert encode(tok, SAMPLED_INIT) != init_ids and merged in encode(tok, SAMPLED_INIT)  # the BPE merge
+    assert tok.decode(init_ids) == SAMPLED_INIT
+    base = sdzero_record(stage, correct=False) | {"y_init": SAMPLED_INIT, "y_revised": SAMPLED_REV}
+    texts = build_revision_stage_texts(base["x"], SAMPLED_INIT, base["p_r"], SAMPLED_REV, "\n\n")[stage]
+    base |= {"prompt": texts[0], "completion": texts[1]}
+    with_ids = base | {"y_init_ids": init_ids, "y_revised_ids": rev_ids}
+    (ex, plain), report = build(tok, [with_ids, base], stage=stage, stage2_layout=layout)
+    trained = [t for t in ex.labels if t != IGNORE_INDEX]
+    assert contains(trained, rev_ids + compute_end_of_turn_ids(tok, CFG))  # y_revised as sampled, then EOT
+    if layout == "continuation":
+        assert contains(ex.input_ids, init_ids)  # the sampled "." + "\n\n" pair survives into the example
+        assert tok.decode(ex.input_ids) == tok.decode(plain.input_ids)  # same text, other tokens
+    assert contains(trained, [period, newlines])  # trained on "." then "\n\n", as sampled
+    reencoded = encode(tok, SAMPLED_REV)  # without ids: the text re-encoded, "." + "\n\n" merged
+    assert not contains(trained, reencoded) and contains(plain.labels, reencoded)
+    segments = 2 if layout == "continuation" else 1
+    assert (report.num_sampled_ids, report.num_ids_reencoded) == (segments, 0)
+
+
+def test_prompt_completion_layout_uses_completion_ids(qwen_tokenizer):
+    tok = qwen_tokenizer
+    ids = sampled_pair(tok, SAMPLED_REV)
+    rec = {"prompt": "What is 3 + 4?", "completion": SAMPLED_REV, "completion_ids": ids}
+    (ex,), report = build(tok, [rec], layout="prompt_completion")
+    assert [t for t in ex.labels if t != IGNORE_INDEX] == ids + compute_end_of_turn_ids(tok, CFG)
+    assert report.num_sampled_ids == 1
+
+
+def test_ids_that_do_not_decode_to_the_text_are_re_encoded_and_counted(qwen_tokenizer):
+    tok = qwen_tokenizer
+    rec = sdzero_record(1) | {"y_init_ids": encode(tok, "something else"), "y_revised_ids": [10**9]}
+    (ex,), report = build(tok, [rec])
+    (plain,), _ = build(tok, [sdzero_record(1)])
+    assert ex.input_ids == plain.input_ids and (report.num_sampled_ids, report.num_ids_reencoded) == (0, 2)
+    assert "re-encoded (ids did not match the text) 2" in report.summary()
+    with pytest.raises(DataFileError, match="f.jsonl:1: field 'y_init_ids' must be a list of token ids"):
+        build(tok, [sdzero_record(1) | {"y_init_ids": "1 2 3"}])

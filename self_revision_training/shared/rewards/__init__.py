@@ -13,21 +13,28 @@ the label it was compared with. Implementations:
                   the sandbox (`code_tests`). An empty response is r=0 ("empty_response") without a call.
     none          no reward (methods whose signal does not depend on r, e.g. SSD); every verdict is
                   r=0 with reason "no_reward" and no label.
-P_r is chosen from a verdict by `prompts.build_phrase_block(verdict.correct, ...)`.
+    majority_vote math: r = the response's answer is in the label's cluster of its group's own vote
+                  (online, TTRL-style; `majority_vote.MajorityVoteReward`, `VoteConfig`), or is equivalent
+                  to the row's pseudo-label when the row comes from the labelling stage (offline:
+                  `label_source: vote`). A group whose vote is skipped (tie, below tau, no answer) gets
+                  verdicts with `skip` set: they carry no r and must be dropped, never distilled with P_0.
+P_r is chosen from a verdict by `prompts.build_phrase_block(verdict.correct, ...)`, for verdicts whose
+`skip` is None. The optional audit fields (`gold_correct`, `label_correct`, `vote_ratio`) feed
+`majority_vote.compute_vote_audit`; sources that do not know them leave them None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from self_revision_training.shared.config import GradingConfig
 from self_revision_training.shared.problems import Problem
 from self_revision_training.shared.rewards.code_tests import SandboxLimits, grade_code_batch
 from self_revision_training.shared.rewards.math_verify import MathGrader
 
-RewardName = Literal["ground_truth", "none"]
-REWARD_NAMES: tuple[str, ...] = ("ground_truth", "none")
+RewardName = Literal["ground_truth", "none", "majority_vote"]
+REWARD_NAMES: tuple[str, ...] = ("ground_truth", "none", "majority_vote")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class Verdict:
     extracted: str | None  # the extracted answer (math) or the program's language (code)
     reason: str  # math: correct / wrong / no_answer / timeout / ...; code: passed / wrong_answer / ...
     label: str | None = None  # what the response was compared with (math: the ground truth); None = none
+    skip: str | None = None  # why this sample has no usable r (e.g. "vote_tie"): drop it; None = usable
+    gold_correct: bool | None = None  # audit: r against the hidden gold answer; None = no gold known
+    label_correct: bool | None = None  # audit: the group's (candidate) label equals the gold answer
+    vote_ratio: float | None = None  # majority vote: label cluster size / k; None = not a vote
 
 
 class RewardSource(Protocol):
@@ -91,6 +102,13 @@ class GroundTruthReward(_Closing):
 
     def score(self, problems: list[Problem], groups: list[list[str]]) -> list[list[Verdict]]:
         _check_groups(problems, groups)
+        if self.mode == "math":
+            unlabelled = [p.index for p in problems if not p.answer]
+            if unlabelled:
+                raise ValueError(
+                    f"reward ground_truth: problems {unlabelled[:10]} have no answer (dataset.answers="
+                    "optional); use reward=majority_vote (or label them with pseudo_label first)"
+                )
         flat = [(i, j) for i, group in enumerate(groups) for j in range(len(group))]
         todo = [(i, j) for i, j in flat if groups[i][j].strip()]  # empty responses need no verifier call
         graded = self._grade([groups[i][j] for i, j in todo], [problems[i] for i, _ in todo]) if todo else []
@@ -118,10 +136,20 @@ class NoReward(_Closing):
         return [[Verdict(False, None, "no_reward") for _ in group] for group in groups]
 
 
-def build_reward_source(name: str, mode: str, cfg: GradingConfig) -> RewardSource:
-    """The reward source `name` (REWARD_NAMES) for a dataset in `mode` (math | code)."""
+def build_reward_source(name: str, mode: str, cfg: GradingConfig, vote: Any = None) -> RewardSource:
+    """The reward source `name` (REWARD_NAMES) for a dataset in `mode` (math | code).
+
+    Args:
+        vote: `majority_vote.VoteConfig` for name=majority_vote (None = its defaults); ignored otherwise.
+    """
     if name == "ground_truth":
         return GroundTruthReward(mode, cfg)  # type: ignore[arg-type]
     if name == "none":
         return NoReward()
+    if name == "majority_vote":
+        if mode != "math":
+            raise ValueError(f"reward majority_vote votes on math answers; dataset mode is {mode!r}")
+        from self_revision_training.shared.rewards.majority_vote import MajorityVoteReward  # imports Verdict
+
+        return MajorityVoteReward(cfg, vote)
     raise ValueError(f"unknown reward source {name!r}; choose one of {list(REWARD_NAMES)}")
