@@ -19,7 +19,8 @@
 #   base          the base model, no training
 #   srt           Phase 1 (self-revision data + two-stage SFT): the SRT model
 #   sd-zero       SRT + Phase 2 (the teacher reads y + P_r + y)
-#   sd-zero-vote  SD-Zero with the training answers hidden: every r comes from a majority vote
+#   sd-zero-vote  SD-Zero where every r is the group's majority vote (4 votes per problem in Phase 1); the
+#                 gold answers never reach the reward, they only audit it (Phase 2's vote/* metrics)
 #   rft           rejection-sampling fine-tuning: the base model's verified answers, one-stage SFT
 #   ssd           simple self-distillation: unverified samples at T 1.5, filtered, one-stage SFT
 #   grpo          GRPO from the base model (Phase 2 loop, no teacher)
@@ -67,7 +68,8 @@ else
   if [[ "$COMPARE_SIZE" == full ]]; then  # the quickstart's sizes, plus a validation split for the curves
     N_TRAIN=96 N_TEST=48 N_VAL=16 EVAL_N=4 VAL_N=2 MAX_TOKENS=192 STAGE2=12 EPOCHS=2 STEPS=4 PROMPTS=8 GROUP=4 VALP=2
   else
-    N_TRAIN=16 N_TEST=4 N_VAL=4 EVAL_N=2 VAL_N=1 MAX_TOKENS=24 STAGE2=2 EPOCHS=1 STEPS=2 PROMPTS=4 GROUP=2 VALP=1
+    N_TRAIN=24 N_TEST=6 N_VAL=4 EVAL_N=2 VAL_N=1 MAX_TOKENS=96 STAGE2=2 EPOCHS=1 STEPS=2 PROMPTS=4 GROUP=2 VALP=1
+    : "${BUDGET:=32}"  # smoke: a fixed small budget (SD-Zero's own is ~150 samples here), so each method takes seconds
   fi
   [[ -n "$BASE_MODEL" ]] || BASE_MODEL=$("$PY" -m self_revision_training.embedded model "$EMBEDDED_MODEL" "$MODEL_CACHE" | tail -1)
   if [[ -z "$TRAIN_DATASET" ]]; then
@@ -80,7 +82,8 @@ else
   EVAL=(N="$EVAL_N" KS=1,"$EVAL_N" MAX_TOKENS="$MAX_TOKENS" MAX_MODEL_LEN=1024 KV_CACHE_GB=1 SPLIT=train)
   P1=(MAX_TOKENS="$MAX_TOKENS" MAX_MODEL_LEN=1024 KV_CACHE_GB=1 BATCH_SIZE=32 NUM_GPUS=0)
   SFT=(OMP_NUM_THREADS=2 NPROC_PER_NODE=1 CONFIG_STAGE1=configs/quickstart/sft.yaml CONFIG_STAGE2=configs/quickstart/sft.yaml
-    LR_STAGE1=1e-5 LR_STAGE2=1e-5 EPOCHS_STAGE1="$EPOCHS" EPOCHS_STAGE2="$EPOCHS" MAX_LENGTH=1024 MICRO_BATCH_SIZE=4 SAVE_EVERY=10)
+    LR_STAGE1=1e-5 LR_STAGE2=1e-5 EPOCHS_STAGE1="$EPOCHS" EPOCHS_STAGE2="$EPOCHS" MAX_LENGTH=1024 MICRO_BATCH_SIZE=2 GRAD_ACCUM=2
+    SAVE_EVERY=10)  # 2 x 2: the same batch of 4 as the quickstart, and a two-batch noise-scale estimate
   P2=(MAX_TOTAL_SEQUENCE_LENGTH=512 MAX_TEACHER_TOKENS=1024 NUM_PROMPTS_PER_STEP="$PROMPTS" MICRO_BATCH_SIZE=4
     SAVE_PERIOD=2 NUM_LEARNERS=1 VAL_PERIOD="$VALP")
   P2_ARGS=("sampling.max_tokens=$MAX_TOKENS" "val_k=$VAL_N")
@@ -97,20 +100,21 @@ write_status() {  # dir status seconds [reason]
 w(sys.argv[1] + '/status.json', {'status': sys.argv[2], 'seconds': int(sys.argv[3]), 'reason': sys.argv[4]})" \
     "$1" "$2" "$3" "${4:-}"
 }
-evaluate() {  # method_dir model_dir: the held-out test problems, and the validation problems (curves)
+evaluate() {  # method_dir model_dir: the held-out test problems, and the validation problems (the curve's
+  # point of a method without Phase 2; Phase 2 validates itself every VAL_PERIOD steps and at the end)
   env "${EVAL[@]}" MODEL_PATH="$2" DATASET="$TEST_DATASET" OUTPUT_DIR="$1/eval" LABEL="$(basename "$1")" \
     SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${EVAL_EXTRA:-}" bash scripts/eval.sh
-  if [[ -n "$VAL_DATASET" ]]; then
+  if [[ -n "$VAL_DATASET" && ! -f "$1/distill/metrics.jsonl" ]]; then
     env "${EVAL[@]}" N="${VAL_N:-4}" KS=1 MODEL_PATH="$2" DATASET="$VAL_DATASET" OUTPUT_DIR="$1/val_eval" \
       SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${EVAL_EXTRA:-}" bash scripts/eval.sh
   fi
 }
 total_budget() { "$PY" -m self_revision_training.shared.budget "$@" >/dev/null; }
 budget_samples() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['samples_generated'])" "$1/budget.json"; }
-phase1() {  # out_dir dataset [extra collect overrides]: Phase 1 data + the two SFT stages -> out/srt/stage2/final
+phase1() {  # out_dir dataset responses [extra collect overrides]: Phase 1 data + the two SFT stages
   env "${P1[@]}" OUTPUT_DIR="$1/srt_data" MODEL_PATH="$BASE_MODEL" DATASET="$2" TARGET_REVISION_SAMPLES=0 \
-    ${STAGE2:+STAGE2_SIZE=$STAGE2} ${N_TRAIN:+NUM_RESPONSES=2 NUM_REVISIONS=2} SEED="$SEED" EXTRACTION="$EXTRACTION" \
-    EXTRA_ARGS="${EVAL_EXTRA:-} ${3:-}" bash scripts/run_srt_data.sh
+    ${STAGE2:+STAGE2_SIZE=$STAGE2} ${N_TRAIN:+NUM_RESPONSES=$3 NUM_REVISIONS=2} SEED="$SEED" EXTRACTION="$EXTRACTION" \
+    EXTRA_ARGS="${EVAL_EXTRA:-} ${4:-}" bash scripts/run_srt_data.sh
   env "${SFT[@]}" TRAIN_DATA_DIR="$1/srt_data/train_data" CKPT_ROOT="$1/srt" BASE_MODEL="$BASE_MODEL" bash scripts/sft.sh
 }
 the_budget() {
@@ -136,22 +140,19 @@ distill() {  # method_dir config extra-env...: Phase 2 into method_dir/distill
 
 # ---------------------------------------------------------------- methods
 method_base() { evaluate "$1" "$BASE_MODEL"; "$PY" -c "import sys; from self_revision_training.shared.budget import Budget; Budget('none').save(sys.argv[1])" "$1"; }
-method_srt() { phase1 "$1" "$TRAIN_DATASET"; evaluate "$1" "$1/srt/stage2/final"; total_budget "$1"; }
+method_srt() { phase1 "$1" "$TRAIN_DATASET" 2; evaluate "$1" "$1/srt/stage2/final"; total_budget "$1"; }
 method_sd_zero() {
   local p1="$C/srt"
-  if [[ "$(status_of "$p1")" != ok ]]; then p1=$1; phase1 "$p1" "$TRAIN_DATASET"; fi  # its own Phase 1
+  if [[ "$(status_of "$p1")" != ok ]]; then p1=$1; phase1 "$p1" "$TRAIN_DATASET" 2; fi  # its own Phase 1
   distill "$1" "$CFG_SD" METHOD=sd-zero SRT_DIR="$p1/srt" ${STEPS:+MAX_NUM_STEPS=$STEPS}
   evaluate "$1" "$1/distill/final"
   if [[ "$p1" == "$1" ]]; then total_budget "$1"; else total_budget "$1" "$p1" "$1"; fi
 }
-method_sd_zero_vote() {  # the training answers (and solutions) are hidden; validation and test keep theirs
-  "$PY" -c "import json,sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-keep = lambda r: {k: v for k, v in r.items() if k not in ('answer', 'ground_truth', 'solution', 'reference_solution')}
-open(sys.argv[2], 'w').write(''.join(json.dumps(keep(r)) + '\n' for r in rows))" "$TRAIN_DATASET" "$1/train_unlabelled.jsonl"
-  phase1 "$1" "$1/train_unlabelled.jsonl" "reward=majority_vote dataset.answers=optional"
-  DISTILL_DATASET="$1/train_unlabelled.jsonl" DISTILL_EXTRA="train_data.answers=optional" \
-    distill "$1" "$CFG_SD" METHOD=sd-zero SRT_DIR="$1/srt" REWARD=majority_vote ${STEPS:+MAX_NUM_STEPS=$STEPS}
+method_sd_zero_vote() {  # every r is the group's own vote; the gold answers are hidden from it and only audit
+  # it (Phase 2's vote/* metrics: label and reward accuracy, false-positive and false-negative P_r rates)
+  phase1 "$1" "$TRAIN_DATASET" 4 "reward=majority_vote"  # 2 votes mostly tie: 4 per problem
+  distill "$1" "$CFG_SD" METHOD=sd-zero SRT_DIR="$1/srt" REWARD=majority_vote NUM_GENERATIONS_PER_PROMPT=4 \
+    ${STEPS:+MAX_NUM_STEPS=$STEPS}  # the online vote needs a group of responses per prompt
   evaluate "$1" "$1/distill/final"
   total_budget "$1"
 }
@@ -184,7 +185,7 @@ run_method() {
   if (( rc == 0 )); then
     write_status "$dir" ok $(( $(date +%s) - t0 ))
   else
-    write_status "$dir" failed $(( $(date +%s) - t0 )) "exit $rc: $(grep -v '^\s*$' "$dir/log.txt" | tail -n 1 | cut -c1-300)"
+    write_status "$dir" failed $(( $(date +%s) - t0 )) "exit $rc: $(grep -v '^\s*$' "$dir/log.txt" | tail -n 1 | cut -c1-160)"
     echo "compare.sh: $m failed (exit $rc); see $dir/log.txt" >&2
   fi
 }

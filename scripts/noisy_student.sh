@@ -12,7 +12,7 @@
 #               written once, never the moving student). audit/ does the same on AUDIT (gold hidden from
 #               the vote, scored in stats.json; never trained on).
 #   2. train.jsonl  NUM_PSEUDO pseudo-labelled rows (empty = all kept labels) + NUM_LABELLED rows of LABELLED
-#               (empty = all; no LABELLED = pseudo only), seeded sample, shuffled (pseudo_label.build_training_mix).
+#               (empty = all; no LABELLED = pseudo only), seeded sample, shuffled (training_mix.build_training_mix).
 #   3. SD-Zero on train.jsonl from the student (STUDENT_INIT=base: BASE_MODEL every iteration, the Noisy-Student
 #      default; previous: the labeller): run_srt_data.sh -> sft.sh -> distill.sh with reward TRAIN_REWARD
 #      (ground_truth reads the label as the answer; majority_vote also logs audits where gold_answer exists).
@@ -84,7 +84,7 @@ for (( i = 1; i <= ITERATIONS; i++ )); do
   [[ -z "$AUDIT" ]] || label "$labeller" "$AUDIT" "$dir/audit"
 
   if [[ ! -f "$dir/train.jsonl" ]]; then
-    run "$PYTHON" -c 'import sys; from self_revision_training.pseudo_label import mix_main; mix_main(sys.argv[1:])' \
+    run "$PYTHON" -m self_revision_training.training_mix \
       --labels "$dir/labels/labels.jsonl" --out "$dir/train.jsonl" --labelled "$LABELLED" \
       --num-pseudo "$NUM_PSEUDO" --num-labelled "$NUM_LABELLED" --seed "$SEED"
   fi

@@ -22,7 +22,7 @@ source scripts/knobs.sh
 : "${OUTPUT_DIR:?set OUTPUT_DIR (where collection and training data go)}"
 : "${STRATEGY:=revision}"                           # revision (SD-Zero) | rejection (RFT) | ssd
 if [[ "$STRATEGY" == ssd ]]; then : "${TEMPERATURE:=1.5}" "${TOP_P:=0.8}" "${TOP_K:=20}" "${NUM_SAMPLES:=1}"; fi
-: "${NUM_SAMPLES:=4}"                               # rejection / ssd: responses per problem
+: "${NUM_SAMPLES:=12}"                              # rejection: per problem (= SD-Zero's 3 + 3 x 3); ssd: 1
 : "${MAX_SAMPLES:=0}"                               # rejection / ssd: sample budget (0 = the whole range)
 : "${MAX_PER_PROBLEM:=0}"                           # rejection: distinct verified answers kept per problem
 : "${SSD_DROP_TRUNCATED:=0}"                        # ssd: 1 = drop samples cut at MAX_TOKENS (ml-ssd keeps)

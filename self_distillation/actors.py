@@ -67,18 +67,29 @@ class RolloutWorker:
 
 
 class RewardWorker:
-    """The reward source, scoring groups of responses (empty responses are r=0 without a verifier call)."""
+    """The reward source, scoring groups of responses (empty responses are r=0 without a verifier call).
+    Validation problems are graded against their gold answers whatever the training reward is (a vote needs
+    a group and would grade the model with its own consensus); that grader starts at the first validation."""
 
     def __init__(self, name: str, mode: str, cfg: GradingConfig, vote: Any = None):
         from self_revision_training.shared.rewards import build_reward_source
 
         self.reward = build_reward_source(name, mode, cfg, vote)
+        self.name, self.mode, self.cfg, self.gold = name, mode, cfg, None
 
-    def score(self, problems: list[Any], groups: list[list[str]]) -> list[list[Any]]:
-        return self.reward.score(problems, groups)
+    def score(self, problems: list[Any], groups: list[list[str]], split: str = "train") -> list[list[Any]]:
+        if split == "train" or self.name == "ground_truth":
+            return self.reward.score(problems, groups)
+        if self.gold is None:
+            from self_revision_training.shared.rewards import build_reward_source
+
+            self.gold = build_reward_source("ground_truth", self.mode, self.cfg)
+        return self.gold.score(problems, groups)
 
     def close(self) -> None:
         self.reward.close()
+        if self.gold is not None:
+            self.gold.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,17 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from self_distillation.config import LossConfig, TeacherContextName
-from self_distillation.localization import (
-    DumpLimits,
-    build_dump_record,
-    compute_localization_metrics,
-    compute_localization_stats,
-    save_dump,
-    score_dump_samples,
-)
+from self_distillation.localization import compute_localization_metrics, compute_localization_stats
 from self_distillation.losses import Divergence
 from self_distillation.rollout_data import LearnerSample
 from self_distillation.teacher_context import GroupSample, build_teacher_context
+from self_distillation.token_dump import DumpLimits, build_dump_record, save_dump, score_dump_samples
 from self_distillation.token_page import save_token_page
 from self_revision_training.shared.config import (
     ConfigError,
@@ -49,7 +43,6 @@ from self_revision_training.shared.config import (
     ModelConfig,
     PromptConfig,
     parse_cli,
-    save_run_config,
     to_dict,
 )
 from self_revision_training.shared.problems import Problem, load_problems
@@ -61,6 +54,7 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
 )
 from self_revision_training.shared.rewards import Verdict, build_reward_source
+from self_revision_training.shared.run_config import save_run_config
 from self_revision_training.shared.storage import DataFileError, atomic_write_json, iter_jsonl
 
 log = logging.getLogger("sdzero.analyze")

@@ -74,6 +74,21 @@ def method_curve(run_dir: Path, label: str) -> list[CurvePoint]:
     return points
 
 
+TRAINING_METRICS = ("distill/metrics.jsonl", "sft/metrics.jsonl", "srt/stage1/metrics.jsonl")
+
+
+def health_runs(run_dir: Path, labels: list[str]) -> dict[str, Path]:
+    """The training run of each method whose health metrics health.png shows (its last training stage:
+    Phase 2, else the one-stage SFT, else SRT's Stage 1)."""
+    found = {}
+    for label in labels:
+        for name in TRAINING_METRICS:
+            if (run_dir / label / name).is_file():
+                found[label] = run_dir / label / name
+                break
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -96,8 +111,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curves = {label: points for label, points in curves.items() if points}
     atomic_write_json(args.run_dir / "curves.json", {k: [p._asdict() for p in v] for k, v in curves.items()})
     if curves:
-        plot_sample_efficiency(curves, args.run_dir / "curves.png", x="samples", title="validation accuracy vs samples")
-        plot_sample_efficiency(curves, args.run_dir / "curves_wall.png", x="wall_seconds", title="vs wall time")
+        plot_sample_efficiency(
+            curves, args.run_dir / "curves.png", x="samples", title="validation accuracy vs samples"
+        )
+        plot_sample_efficiency(
+            curves, args.run_dir / "curves_wall.png", x="wall_seconds", title="vs wall time"
+        )
+    health = health_runs(args.run_dir, labels)
+    if health:
+        from self_distillation.report import plot_health_curves
+
+        plot_health_curves(health, args.run_dir / "health.png")
     print(text)
     return comparison
 

@@ -32,9 +32,7 @@ from self_revision_training.shared.config import (
     ModelConfig,
     PromptConfig,
     SamplingConfig,
-    git_sha,
     parse_cli,
-    save_run_config,
     to_dict,
 )
 from self_revision_training.shared.problems import Problem, load_problems
@@ -45,6 +43,7 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
     save_prompt_spec,
 )
+from self_revision_training.shared.run_config import git_sha, save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
 

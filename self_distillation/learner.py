@@ -156,7 +156,7 @@ class Learner:
     def dump_tokens(self, samples: list[LearnerSample]) -> list[Any]:
         """All ranks, the same samples (FSDP collectives): per-token KL and top-5 of student and teacher at the
         current weights (`localization.TokenFields`), for the token dumps."""
-        from self_distillation.localization import score_dump_samples
+        from self_distillation.token_dump import score_dump_samples
 
         if samples and samples[0].teacher is None:  # learner-scored teacher: score copies
             scores = self.score_teacher(samples)

@@ -76,6 +76,18 @@ def load_summaries(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return out
 
 
+def _save_figure(fig: Any, png_path: str | Path) -> Path:
+    """tight layout, write the PNG (parents created), close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
 CURVES = (
     ("train/loss", "loss"),
     ("train/reward", "training reward (accuracy)"),
@@ -110,12 +122,55 @@ def plot_training_curves(metrics_path: str | Path, png_path: str | Path) -> Path
             ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return _save_figure(fig, png_path)
+
+
+HEALTH_CURVES = (
+    ("gns_b_simple", "gradient noise scale B_simple", True),
+    ("frac_weights_changed", "fraction of weights changed", False),
+    ("update_to_weight_ratio", "|update| / |weights|", True),
+)
+
+
+def _health_value(row: dict[str, Any], stat: str) -> float | None:
+    import math
+
+    value = row.get(stat, row.get(f"train/{stat}"))  # SFT logs `stat`, the Phase-2 learner `train/stat`
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def plot_health_curves(runs: dict[str, str | Path], png_path: str | Path) -> Path:
+    """Training health per optimizer step for several runs (SFT or Phase-2 metrics.jsonl, one line each):
+    the noise scale (a large B_simple = updates dominated by noise), weights changed, update ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HEALTH_CURVES), figsize=(4 * len(HEALTH_CURVES), 3.2))
+    plotted, colors = False, plt.get_cmap("tab10")
+    for n, (label, path) in enumerate(runs.items()):  # one colour per run, the same in every panel
+        rows = [
+            json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+        for ax, (stat, _, _) in zip(axes, HEALTH_CURVES, strict=True):
+            points = [
+                (r["step"], v) for r in rows if "step" in r and (v := _health_value(r, stat)) is not None
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=label, color=colors(n % 10))
+                plotted = True
+    if not plotted:
+        plt.close(fig)
+        raise ValueError(f"no health metrics in {sorted(runs)}")
+    for ax, (_, title, log_scale) in zip(axes, HEALTH_CURVES, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if log_scale and ax.has_data():
+            ax.set_yscale("log")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    return _save_figure(fig, png_path)
 
 
 LOCALIZATION_CURVES = (
@@ -161,12 +216,7 @@ def plot_localization_curves(
             ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return _save_figure(fig, png_path)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -25,12 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from self_distillation.localization import (
-    DumpRecord,
-    compute_localization_stats,
-    final_answer_tokens,
-    load_dump,
-)
+from self_distillation.localization import compute_localization_stats, final_answer_tokens
+from self_distillation.token_dump import DumpRecord, load_dump
 from self_revision_training.shared.storage import atomic_write_text
 
 COLORS = {"r0": "#dc2626", "r1": "#2563eb"}

@@ -54,10 +54,8 @@ from self_revision_training.shared.config import (
     ModelConfig,
     PromptConfig,
     SamplingConfig,
-    check_resume_config,
     load_yaml,
     parse_cli,
-    save_run_config,
     to_dict,
 )
 from self_revision_training.shared.problems import Problem, load_problems
@@ -70,6 +68,7 @@ from self_revision_training.shared.prompts import (
 )
 from self_revision_training.shared.rewards import RewardName
 from self_revision_training.shared.rewards.majority_vote import VoteConfig, pin_vote_label
+from self_revision_training.shared.run_config import check_resume_config, save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock, check_run_lock
 from self_revision_training.shared.storage import BatchLog, JsonlWriter, atomic_write_json, atomic_write_text
 

@@ -6,11 +6,14 @@ prompt/completion SFT data (trained by `sft` with `data.layout=prompt_completion
                         the verified ones are kept (exact duplicates of a kept response dropped, at most
                         `max_per_problem` per problem; 0 = all).
     strategy=ssd        "Embarrassingly Simple Self-Distillation" (arXiv 2604.01193): responses at the
-                        training temperature/top-k/top-p with no verifier (reward defaults to none), then
+                        training temperature/top-k/top-p, kept whatever their correctness (the verifier
+                        only reports the share of correct training samples; reward=none skips it), then
                         `ssd_filter` over the whole run: empty, optionally truncated (`ssd_drop_truncated`),
                         and the shortest `ssd_shortest_percent` per cent by stripped character length
                         (apple/ml-ssd's rule). Responses are stripped as ml-ssd does; a stripped response
-                        keeps its sampled ids only when stripping removed nothing.
+                        keeps its sampled ids only when stripping removed nothing. `prompt_format=raw` is
+                        ml-ssd's own ablation: it samples from the raw problem text without the chat
+                        template (the SFT data still trains chat(x) -> y).
 
 Every sample (text, sampled token ids, finish reason, verdict) is committed batch by batch to
 `shard-k-of-N/samples.jsonl` (a `BatchLog`: a kill loses at most the batch in flight, a rerun resumes
@@ -46,10 +49,8 @@ from self_revision_training.shared.config import (
     ModelConfig,
     PromptConfig,
     SamplingConfig,
-    check_resume_config,
     load_yaml,
     parse_cli,
-    save_run_config,
     to_dict,
 )
 from self_revision_training.shared.problems import Problem, load_problems
@@ -60,6 +61,7 @@ from self_revision_training.shared.prompts import (
     strip_eos,
 )
 from self_revision_training.shared.rewards import RewardName
+from self_revision_training.shared.run_config import check_resume_config, save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.storage import (
     BatchLog,
@@ -85,7 +87,8 @@ class SampleDataConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.9, max_tokens=16384))
     grading: GradingConfig = field(default_factory=GradingConfig)
     strategy: Strategy = "rejection"
-    reward: RewardName | None = None  # null = ground_truth (rejection) / none (ssd)
+    reward: RewardName | None = None  # null = ground_truth (ssd: for the report only; none without answers)
+    prompt_format: Literal["chat", "raw"] = "chat"  # raw = ml-ssd: sample from the bare problem text
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     num_samples: int = 4  # responses per problem
     max_per_problem: int = 0  # rejection: distinct verified responses kept per problem; 0 = all
@@ -116,7 +119,8 @@ class SampleDataConfig:
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.reward is None:
-            self.reward = "ground_truth" if self.strategy == "rejection" else "none"
+            unlabelled = self.strategy == "ssd" and self.dataset.answers == "optional"
+            self.reward = "none" if unlabelled else "ground_truth"
         if self.strategy == "rejection" and self.reward == "none":
             raise ValueError("strategy=rejection keeps verified responses: it needs a reward (not none)")
 
@@ -157,7 +161,10 @@ def sample_batch(cfg, batch_no, problems, backend, tokenizer, reward) -> tuple[l
     eos = backend.eos_token_ids
     prompts, limits, fitting = [], [], []
     for problem in problems:
-        ids = build_generation_prompt(tokenizer, problem.problem, cfg.prompt).ids
+        if cfg.prompt_format == "raw":  # ml-ssd feeds the text to LLM.generate (special tokens added)
+            ids = tokenizer(problem.problem, add_special_tokens=True)["input_ids"]
+        else:
+            ids = build_generation_prompt(tokenizer, problem.problem, cfg.prompt).ids
         limit = min(cfg.sampling.max_tokens, backend.max_model_len - len(ids))
         if limit >= 1:
             prompts.append(ids)

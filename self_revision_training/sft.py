@@ -47,10 +47,8 @@ from self_revision_training.shared.config import (
     ConfigError,
     ModelConfig,
     PromptConfig,
-    check_resume_config,
     load_yaml,
     parse_cli,
-    save_run_config,
     to_dict,
 )
 from self_revision_training.shared.prompts import (
@@ -59,6 +57,7 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
     save_prompt_spec,
 )
+from self_revision_training.shared.run_config import check_resume_config, save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.run_log import MetricsLogger
 from self_revision_training.shared.training import (
@@ -91,7 +90,8 @@ class SFTConfig:
     epochs: int = 3  # passes over the data (defines the LR schedule)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = none); does not change the schedule
     warmup_ratio: float = 0.05  # fraction of the schedule's steps with linear warm-up from 0
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay to 0 after warm-up
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up ...
+    min_lr_ratio: float = 0.0  # ... to lr x this (SSD: 5e-6 -> 1e-6 = 0.2)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
     adam_eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 1e-4  # AdamW decoupled decay (not on biases / norm weights, as HF Trainer)
@@ -128,6 +128,8 @@ class SFTConfig:
             raise ConfigError(f"max_steps must be -1 (none) or >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         for key in ("max_length", "micro_batch_size", "grad_accum", "loss_chunk_size", "log_every"):
@@ -350,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(model, cfg)
     warmup_steps = math.ceil(cfg.warmup_ratio * schedule_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, build_lr_lambda(cfg.lr_schedule, schedule_steps, warmup_steps)
+        optimizer,
+        build_lr_lambda(cfg.lr_schedule, schedule_steps, warmup_steps, final_factor=cfg.min_lr_ratio),
     )
     start_step = 0
     existing = checkpoints.list_checkpoints(ckpt_root, "sft")

@@ -6,12 +6,12 @@ nothing is silently ignored. Each phase's config is one dataclass built from the
 defined here (`ModelConfig`, `PromptConfig`, `SamplingConfig`, `GradingConfig`, `DatasetConfig`).
 
     cfg = load_config(MyPhaseConfig, "configs/x.yaml", ["sampling.temperature=0.7"])
-    save_run_config(cfg, output_dir)   # writes config.yaml (+ the git SHA) next to the outputs
+    run_config.save_run_config(cfg, output_dir)   # config.yaml (+ the git SHA) next to the outputs
 
 Values are read as YAML with one change: integers are decimal even with leading zeros (`010` is 10; YAML
 1.1, PyYAML's dialect, reads it as octal 8) and `1:30` stays a string (1.1 sexagesimal). A resumed run
-compares its config with the saved one through `check_resume_config`: every changed key outside the
-caller's allow-list is an error that lists the keys.
+compares its config with the saved one through `run_config.check_resume_config`: every changed key
+outside the caller's allow-list is an error that lists the keys.
 """
 
 from __future__ import annotations
@@ -19,19 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import fnmatch
 import re
-import subprocess
 import types
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-
-from self_revision_training.shared.storage import atomic_write_text
 
 T = TypeVar("T")
 
@@ -413,74 +408,6 @@ def load_config(cls: type[T], yaml_path: str | Path | None = None, overrides: li
         raise ConfigError(f"{exc}{where}") from exc
 
 
-def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: nested sections become dotted keys (lists and other values are leaves)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ: {key: (saved, current)}.
-
-    Keys the saved config does not have are not compared (a config written by an older version, before
-    the key existed); `git_sha` is never compared.
-    """
-    old, new = flatten_config(saved), flatten_config(current)
-    return {
-        key: (old[key], new[key] if key in new else _lookup(current, key))
-        for key in sorted(old)
-        if key != "git_sha" and (key not in new or old[key] != new[key])
-    }
-
-
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key of a nested dict (None when absent), e.g. a section that gained entries."""
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _allowed(key: str, patterns: Iterable[str]) -> bool:
-    """fnmatch patterns on dotted keys; "a" also allows the whole section "a.*"."""
-    return any(fnmatch.fnmatchcase(key, p) or key.startswith(f"{p}.") for p in patterns)
-
-
-def check_resume_config(
-    saved: dict[str, Any], current: dict[str, Any], *, allowed: Iterable[str], where: str
-) -> dict[str, tuple[Any, Any]]:
-    """Refuse to resume with changed settings, except the allow-listed ones.
-
-    Args:
-        saved: the config the run being resumed was written with (nested dict, e.g. `to_dict(cfg)` as
-            saved in a checkpoint or config.yaml).
-        current: this run's config as a nested dict.
-        allowed: dotted keys or fnmatch patterns that may change on resume (`max_steps`, `wandb*`, `ray`).
-        where: what is being resumed, for the message (e.g. the checkpoint directory).
-    Returns:
-        The allowed keys that changed: {key: (saved, current)} (the caller logs or applies them).
-    Raises:
-        ConfigError: listing every changed key that is not allowed, with both values.
-    """
-    allowed = list(allowed)
-    changed = diff_configs(saved, current)
-    refused = {k: v for k, v in changed.items() if not _allowed(k, allowed)}
-    if refused:
-        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ConfigError(
-            f"cannot resume {where} with changed settings ({lines}). These change the data or the objective; "
-            f"use a new output_dir, or restore them. Settings a resume may change: {allowed}"
-        )
-    return {k: v for k, v in changed.items() if k not in refused}
-
-
 def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """`--config file.yaml a.b=c ...` -> a validated `cls` instance (SystemExit(2) on errors)."""
     parser = argparse.ArgumentParser(description=description)
@@ -492,31 +419,3 @@ def parse_cli(cls: type[T], argv: list[str] | None = None, description: str = ""
     except ConfigError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
-
-
-def git_sha(repo_dir: str | Path | None = None) -> str | None:
-    """The git commit of this checkout (with '-dirty' when there are local changes), or None."""
-    cwd = Path(repo_dir) if repo_dir else Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{sha}-dirty" if dirty else sha
-
-
-def save_run_config(cfg: Any, output_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config (plus `git_sha`) atomically to `output_dir/name`."""
-    payload = {"git_sha": git_sha(), **to_dict(cfg)}
-    path = Path(output_dir) / name
-    atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False, allow_unicode=True))
-    return path

@@ -65,16 +65,21 @@ def warmup_multiplier(
     return 1.0 if then is None else then(step)
 
 
-def build_lr_lambda(schedule: str, total_steps: int, warmup_steps: int, start_factor: float = 0.0):
-    """HF-style schedule: warm-up from `start_factor`, then constant, linear or cosine decay to 0."""
+def build_lr_lambda(
+    schedule: str, total_steps: int, warmup_steps: int, start_factor: float = 0.0, final_factor: float = 0.0
+):
+    """HF-style schedule: warm-up from `start_factor`, then constant, linear or cosine decay to
+    `final_factor` (0 = HF's decay to 0; SSD decays 5e-6 -> 1e-6, final_factor 0.2)."""
 
     def decay(step: int) -> float:
         if schedule == "constant":
             return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+            shape = max(0.0, 1.0 - progress)
+        else:
+            shape = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return final_factor + (1.0 - final_factor) * shape
 
     return lambda step: warmup_multiplier(step, warmup_steps, start_factor, decay)
 

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from self_distillation import analyze
-from self_distillation.localization import load_dump
+from self_distillation.token_dump import load_dump
 
 PROBLEMS = [
     {"problem": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "7",

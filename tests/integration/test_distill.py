@@ -461,7 +461,7 @@ def test_a_second_run_into_the_same_directory_exits_naming_the_first(setup, tmp_
 def test_token_dumps_hold_the_steps_per_token_divergence(setup, tmp_path):
     """dump_every: the dumped per-token KL of every sample of the step (dump_per_reward >= the batch) has
     the step's loss as its token mean (one optimizer step, no clipping), and a page is written beside it."""
-    from self_distillation.localization import load_dump
+    from self_distillation.token_dump import load_dump
 
     out = tmp_path / "dumped"
     rows = run(

@@ -15,7 +15,7 @@ import pytest
 
 from self_distillation.rollout_data import build_rollout_items
 from self_distillation.teacher_context import SelfRevisionContext
-from self_revision_training import collect, pseudo_label
+from self_revision_training import collect, pseudo_label, training_mix
 from self_revision_training.shared.config import DatasetConfig, GradingConfig, PromptConfig, SamplingConfig
 from self_revision_training.shared.generation import Sample
 from self_revision_training.shared.problems import load_problems
@@ -278,7 +278,7 @@ def test_build_training_mix_samples_and_shuffles(tmp_path):
         "".join(json.dumps({"question": f"g{i}", "answer": f"#### {i}"}) + "\n" for i in range(4))
     )
     out = tmp_path / "mix.jsonl"
-    counts = pseudo_label.mix_main(
+    counts = training_mix.main(
         [
             "--labels",
             str(labels),
@@ -298,7 +298,7 @@ def test_build_training_mix_samples_and_shuffles(tmp_path):
     assert {r["answer"] for r in mixed if r["label_source"] == "gold"} == {"0", "1", "2", "3"}
     problems, _ = load_problems(DatasetConfig(path=str(out)))  # a dataset Phase 1 and Phase 2 read as is
     assert len(problems) == 7
-    assert pseudo_label.build_training_mix(labels, out, None, None, None, 0) == {"pseudo": 6, "labelled": 0}
+    assert training_mix.build_training_mix(labels, out, None, None, None, 0) == {"pseudo": 6, "labelled": 0}
 
 
 def run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -365,7 +365,7 @@ def test_online_vote_collection_skips_voteless_groups_and_grades_revisions_again
     inits = {(r["original_index"], r["response_idx"]): r for r in records if r["type"] == "init"}
     expected_skip = {2: "vote_tie", 3: "vote_no_answer", 5: "vote_below_threshold"}
     labels = {0: "5", 1: "4", 4: "\\frac{1}{2}", 6: "9", 7: "6"}
-    for (i, k), r in inits.items():
+    for (i, _k), r in inits.items():
         if i in expected_skip:
             assert r["skip_reason"] == expected_skip[i] and not r["revised"]
         else:

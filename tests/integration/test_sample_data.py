@@ -100,13 +100,16 @@ def test_rejection_keeps_the_verified_distinct_responses_once_every_shard_is_don
     assert total["tokens_generated"] == sum(r["num_tokens"] for r in records)
 
 
-def test_ssd_filters_over_the_whole_run_without_a_verifier(tiny_model_dir, addition_data, scripted, tmp_path):
+def test_ssd_filters_over_the_whole_run_and_the_verifier_only_reports(
+    tiny_model_dir, addition_data, scripted, tmp_path
+):
     out = tmp_path / "ssd"
     summary = sample_data.main(
         args(tiny_model_dir, addition_data, out, strategy="ssd", num_samples=1, ssd_shortest_percent=25)
     )
     records = sorted(all_samples(out), key=lambda r: r["original_index"])
-    assert {r["reason"] for r in records} == {"no_reward"}  # reward defaults to none: nothing graded
+    assert {r["reason"] for r in records} == {"correct", "wrong"}  # graded, for the report only
+    assert summary["accuracy"] == sum(r["correct"] for r in records) / len(records)
     kept_idx, report = filter_ssd_samples(
         [r["text"] for r in records], [r["finish_reason"] for r in records], shortest_percent=25
     )
@@ -114,6 +117,35 @@ def test_ssd_filters_over_the_whole_run_without_a_verifier(tiny_model_dir, addit
     kept = read_jsonl(out / "sft.jsonl")
     assert [k["completion"] for k in kept] == [records[i]["text"].strip() for i in kept_idx]
     assert summary["filter"] == report | {"problems_with_data": len(kept_idx)}
+    assert any(not records[i]["correct"] for i in kept_idx)  # SSD keeps wrong answers too
+
+
+def test_ssd_raw_prompt_ablation_samples_from_the_bare_problem_text(
+    tiny_model_dir, addition_data, scripted, monkeypatch, tmp_path
+):
+    """prompt_format=raw (ml-ssd): the engine sees the problem text without the chat template; the SFT
+    data is the same prompt/completion layout (SFT applies the template)."""
+    import self_revision_training.shared.generation as generation
+
+    seen = []
+    make = generation.create_backend
+
+    def recording(model, cfg):
+        backend = make(model, cfg)
+        generate = backend.generate
+        backend.generate = lambda prompts, *a, **k: seen.extend(prompts) or generate(prompts, *a, **k)
+        return backend
+
+    monkeypatch.setattr(generation, "create_backend", recording)
+    out = tmp_path / "raw"
+    sample_data.main(args(tiny_model_dir, addition_data, out, strategy="ssd", num_samples=1, prompt_format="raw",
+                          reward="none", ssd_shortest_percent=0))  # fmt: skip
+    first = json.loads((addition_data).read_text().splitlines()[0])["problem"]
+    assert scripted.decode(seen[0], skip_special_tokens=True) == first
+    assert scripted.decode(seen[0], skip_special_tokens=False) == scripted.decode(
+        scripted(first, add_special_tokens=True)["input_ids"], skip_special_tokens=False
+    )
+    assert read_jsonl(out / "sft.jsonl")[0]["prompt"] == first
 
 
 def test_the_sample_budget_is_exact_and_a_resume_keeps_it_and_refuses_changed_sampling(

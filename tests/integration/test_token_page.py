@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from self_distillation.localization import DumpRecord, TokenFields, dump_path, load_dump, save_dump
+from self_distillation.token_dump import DumpRecord, TokenFields, dump_path, load_dump, save_dump
 from self_distillation.token_page import build_token_page, main, save_token_page
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,14 +13,12 @@ from self_revision_training.shared.config import (
     GradingConfig,
     PromptConfig,
     SamplingConfig,
-    check_resume_config,
-    diff_configs,
     load_config,
     parse_cli,
     parse_override,
-    save_run_config,
     to_dict,
 )
+from self_revision_training.shared.run_config import check_resume_config, diff_configs, save_run_config
 
 
 @dataclass

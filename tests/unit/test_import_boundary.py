@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CORE = [
     # shared infrastructure, core layer
     "self_revision_training.shared.config",
+    "self_revision_training.shared.run_config",
     "self_revision_training.shared.storage",
     "self_revision_training.shared.problems",
     "self_revision_training.shared.prompts",
@@ -32,6 +33,7 @@ CORE = [
     "self_revision_training.stage_split",
     "self_revision_training.sft_data",
     "self_revision_training.ssd_filter",
+    "self_revision_training.undo_data",
     # Phase 2 core
     "self_distillation.config",
     "self_distillation.teacher_context",
@@ -45,6 +47,7 @@ CORE = [
     "self_distillation.paired_stats",
     "self_distillation.grpo",
     "self_distillation.localization",
+    "self_distillation.token_dump",
     "self_distillation.token_page",
 ]
 FORBIDDEN = ("vllm", "ray", "torch.distributed")

@@ -11,24 +11,26 @@ import pytest
 import torch
 
 from self_distillation.localization import (
+    compute_localization_metrics,
+    compute_localization_stats,
+    final_answer_tokens,
+    find_departure,
+    find_final_answer_span,
+)
+from self_distillation.losses import Divergence, compute_sparse_token_divergence, distillation_loss
+from self_distillation.token_dump import (
     DumpLimits,
     DumpRecord,
     TokenFields,
     build_dump_record,
-    compute_localization_metrics,
-    compute_localization_stats,
     compute_token_fields,
     decode_pieces,
     dump_path,
-    final_answer_tokens,
-    find_departure,
-    find_final_answer_span,
     load_dump,
     save_dump,
     score_dump_samples,
     select_dump_indices,
 )
-from self_distillation.losses import Divergence, compute_sparse_token_divergence, distillation_loss
 
 
 def fields_of(kl: list[float]) -> TokenFields:

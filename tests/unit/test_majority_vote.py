@@ -287,3 +287,20 @@ def test_maj_at_k_with_math_verify_equivalence():
         assert cluster_answer_groups(answers, equivalent) == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]]
         assert equivalent([("2", "3"), ("x^2-1", "(x-1)(x+1)")]) == [False, True]
         assert equivalent.num_failed == 0
+
+
+def test_phase2_validation_is_graded_against_gold_whatever_the_training_reward():
+    """The reward worker votes on training groups but grades validation samples (one per problem is
+    enough) against their gold answers."""
+    from self_distillation.actors import RewardWorker
+
+    problems = [Problem(0, "p", "5"), Problem(1, "q", "2")]
+    worker = RewardWorker("majority_vote", "math", GradingConfig(num_workers=1))
+    try:
+        with pytest.raises(ValueError, match="needs >= 2 responses"):
+            worker.score(problems, [["\\boxed{5}"], ["\\boxed{3}"]])
+        verdicts = worker.score(problems, [["\\boxed{5}"], ["\\boxed{3}"]], "val")
+        assert [[v.correct for v in row] for row in verdicts] == [[True], [False]]
+        assert all(v.vote_ratio is None for row in verdicts for v in row)
+    finally:
+        worker.close()

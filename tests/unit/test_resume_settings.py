@@ -1,4 +1,4 @@
-"""The resume check for Phase 2: `shared.config.check_resume_config` with the allow-list proposed for
+"""The resume check for Phase 2: `shared.run_config.check_resume_config` with the allow-list proposed for
 `self_distillation.train` (pinned against SelfDistillationConfig)."""
 
 from __future__ import annotations
@@ -7,13 +7,8 @@ import pytest
 
 from self_distillation.config import SelfDistillationConfig
 from self_distillation.train import PHASE2_RESUME_ALLOWED  # noqa: E402
-from self_revision_training.shared.config import (
-    ConfigError,
-    check_resume_config,
-    flatten_config,
-    load_config,
-    to_dict,
-)
+from self_revision_training.shared.config import ConfigError, load_config, to_dict
+from self_revision_training.shared.run_config import check_resume_config, flatten_config
 
 REQUIRED = ["student.path=s", "teacher.path=t", "train_data.path=d.jsonl", "output_dir=o"]
 

@@ -176,3 +176,18 @@ def test_distillation_objective_equals_the_dense_reference(tiny_model_dir, top_k
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
     assert values["divergence"].shape == (6,)
+
+
+def test_lr_schedules_decay_to_the_final_factor_and_zero_is_unchanged():
+    import math
+
+    from self_revision_training.shared.training import build_lr_lambda
+
+    plain, floor = build_lr_lambda("cosine", 10, 2), build_lr_lambda("cosine", 10, 2, final_factor=0.2)
+    for step in range(11):
+        progress = max(0.0, (step - 2) / 8)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if step >= 2 else None
+        if shape is not None:
+            assert plain(step) == shape  # final_factor 0: HF's cosine exactly
+            assert floor(step) == pytest.approx(0.2 + 0.8 * shape)
+    assert floor(10) == pytest.approx(0.2) and build_lr_lambda("linear", 10, 0, final_factor=0.2)(10) == pytest.approx(0.2)
