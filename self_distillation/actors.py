@@ -6,7 +6,9 @@ resources applied at construction) or as local objects (`ray.enabled=false`), wi
 interface; a dead actor raises `ActorFailure` naming the actor, the call and the step.
 
 - `RolloutWorker`: the generation backend (vLLM, or transformers as fallback); weight reload from a
-  safetensors directory (CPU path; an NCCL/IPC GPU path is not implemented).
+  safetensors directory (`ray.weight_sync=file`) or from the learner's tensors (`memory`: one Ray object,
+  put once by learner rank 0, that every engine reads from the shared-memory object store; a direct call
+  without Ray). An NCCL/IPC GPU path is not implemented.
 - `RewardWorker`: the reward source (`shared.rewards.build_reward_source`: math-verify or the code
   sandbox in worker processes), scoring whole groups.
 """
@@ -34,7 +36,7 @@ class ActorFailure(RuntimeError):
 
 
 class RolloutWorker:
-    """Samples responses; reloads weights written by the learner."""
+    """Samples responses; reloads the learner's weights (a directory or the tensors)."""
 
     def __init__(self, model: ModelConfig, backend: BackendConfig):
         from self_revision_training.shared.generation import create_backend
@@ -58,8 +60,9 @@ class RolloutWorker:
         rows = [[(s.token_ids, s.text, s.finish_reason, s.logprobs) for s in row] for row in out]
         return rows, self.backend.policy_version
 
-    def update_weights(self, weights_dir: str) -> int:
-        self.backend.update_weights(weights_dir)
+    def update_weights(self, weights: Any) -> int:
+        """`weights`: a safetensors directory or {name: tensor} (a Ray argument arrives resolved)."""
+        self.backend.update_weights(weights)
         return self.backend.policy_version
 
     def close(self) -> None:
@@ -220,8 +223,10 @@ class RolloutGroup:
             )
         return [row for rows, _ in results for row in rows], versions.pop()
 
-    def update_weights(self, weights_dir: str, context: str) -> None:
-        futures = [h.submit("update_weights", weights_dir) for h in self.handles]
+    def update_weights(self, weights: Any, context: str) -> None:
+        """Every engine loads `weights`: a directory, {name: tensor}, or one Ray ObjectRef of that dict
+        (passed as is: each engine's actor reads the same object, nothing is copied per engine here)."""
+        futures = [h.submit("update_weights", weights) for h in self.handles]
         resolve(futures, self.handles, "update_weights", context)
 
     def kill(self) -> None:
@@ -307,6 +312,8 @@ def build_workers(cfg: SelfDistillationConfig) -> Workers:
                 Divergence.from_config(cfg.loss),
                 "cuda" if cfg.ray.num_gpus > 0 else "cpu",
                 cfg.teacher_offload and cfg.ray.placement == "colocated",
+                4,  # micro-batch of the padded path (teacher_pack_tokens=0)
+                cfg.teacher_pack_tokens,
             ),
             remote=remote,
             options=plan.options("teacher", 0, threads),

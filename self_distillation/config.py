@@ -110,6 +110,9 @@ class RayConfig:
     )
     address: str | None = None  # null = RAY_ADDRESS from the environment or a new local cluster
     master_port: int | None = None  # torch.distributed rendezvous port; null = a free one on rank 0's node
+    weight_sync: Literal["memory", "file"] = (
+        "file"  # learner -> rollout engines: tensors in memory (Ray object store) or a safetensors dir
+    )
 
     def __post_init__(self) -> None:
         if self.num_learners < 1 or self.num_gpus < 0 or self.learner_cpus < 0:
@@ -132,6 +135,8 @@ class RayConfig:
             raise ValueError(f"ray.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.bundle_cpus is not None and self.bundle_cpus < 0:
             raise ValueError(f"ray.bundle_cpus must be null or >= 0, got {self.bundle_cpus}")
+        if self.weight_sync not in ("memory", "file"):
+            raise ValueError(f"ray.weight_sync must be memory or file, got {self.weight_sync!r}")
         if self.num_gpus > 0:  # one learner rank per GPU bundle: NCCL refuses two ranks on one GPU
             if self.num_learners > self.num_gpus:
                 raise ValueError(
@@ -193,6 +198,8 @@ class SelfDistillationConfig:
         0.0  # ema: after every optimizer step, teacher = d * teacher + (1 - d) * student
     )
     teacher_offload: bool = True  # GPU: move the teacher to CPU between scoring calls (colocated)
+    teacher_pack_tokens: int = 0  # teacher forward: packed rows of <= this many tokens; 0 = padded batches of 4
+    packing: bool = False  # learner: each micro-batch as one packed row without padding (same loss)
     val_period: int = 20  # steps between validations; 0 = none (start/end still run when val_data set)
     val_at_start: bool = True  # validate before the first step
     val_at_end: bool = True  # validate after the last step
@@ -231,6 +238,7 @@ class SelfDistillationConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in (
             "train_global_batch_size",
+            "teacher_pack_tokens",
             "teacher_sync_every",
             "val_period",
             "save_period",

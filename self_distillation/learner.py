@@ -31,7 +31,11 @@ from self_revision_training.shared import checkpoints
 from self_revision_training.shared import distributed as dist_utils
 from self_revision_training.shared.lora import adapters_disabled, apply_lora, merge_lora_state
 from self_revision_training.shared.storage import atomic_write_json
-from self_revision_training.shared.target_logits import TargetLogitsLM
+from self_revision_training.shared.target_logits import (
+    TargetLogitsLM,
+    check_packed_attention,
+    use_packed_attention,
+)
 from self_revision_training.shared.training import (
     HealthProbe,
     MicroBatch,
@@ -79,8 +83,11 @@ class Learner:
         self.tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
         self.divergence = Divergence.from_config(cfg.loss)
         self.objective = build_objective(
-            cfg.objective, self.divergence, causal_lm.config.vocab_size, cfg.grpo
+            cfg.objective, self.divergence, causal_lm.config.vocab_size, cfg.grpo, cfg.packing
         )
+        if cfg.packing:  # sdpa -> per-sequence causal attention; refuse a model that would mix sequences
+            use_packed_attention(causal_lm)
+            check_packed_attention(causal_lm)  # before sharding: a plain forward of the unwrapped model
         if cfg.teacher_source == "learner" and self.divergence.top_k is None:
             self.objective.set_teacher_lm_head(None)  # the teacher's logits use the learner's own lm_head
         self.model = TargetLogitsLM(causal_lm, cfg.loss.chunk_size)
@@ -126,7 +133,10 @@ class Learner:
         if not samples:
             return []
         batch = student_batch(
-            [LearnerSample(s.teacher_ids, s.teacher_mask, s.reward, None) for s in samples], 0, self.device
+            [LearnerSample(s.teacher_ids, s.teacher_mask, s.reward, None) for s in samples],
+            0,
+            self.device,
+            self.cfg.packing,
         )
         next_mask = batch["target_mask"][:, 1:].bool()
         base = self.cfg.teacher_mode == "frozen"
@@ -135,7 +145,7 @@ class Learner:
             with adapters_disabled(self.model) if base else contextlib.nullcontext():
                 chunks, _ = self.model(
                     batch["input_ids"],
-                    batch["attention_mask"],
+                    batch.get("attention_mask"),
                     batch["position_ids"],
                     next_mask,
                     score_chunk,
@@ -223,16 +233,24 @@ class Learner:
 
     # -- weights and checkpoints
 
+    def _rollout_state(self) -> dict[str, torch.Tensor] | None:
+        """All ranks: gather the full student; rank 0 gets what a rollout engine loads (the plain model's
+        weights, LoRA merged in, a tied lm_head left out: the engine re-ties it), other ranks None."""
+        full = dist_utils.get_full_state_dict(self.model)
+        if self.rank != 0:
+            return None
+        state = self._export_state({k.removeprefix("causal_lm."): v for k, v in full.items()})
+        state = {k: v.contiguous() for k, v in state.items()}
+        if self.tied:
+            state.pop("lm_head.weight", None)  # the engine re-ties it to the embedding
+        return state
+
     def save_weights(self, directory: str) -> str:
         """All ranks: gather the full student; rank 0 writes `directory/model.safetensors` atomically."""
         from safetensors.torch import save_file
 
-        full = dist_utils.get_full_state_dict(self.model)
-        if self.rank == 0:
-            state = self._export_state({k.removeprefix("causal_lm."): v for k, v in full.items()})
-            state = {k: v.contiguous() for k, v in state.items()}
-            if self.tied:
-                state.pop("lm_head.weight", None)  # the engine re-ties it to the embedding
+        state = self._rollout_state()
+        if state is not None:
             out = Path(directory)
             tmp = out.with_name(f".tmp_{out.name}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,6 +260,21 @@ class Learner:
             os.rename(tmp, out)
         dist_utils.barrier()
         return directory
+
+    def export_weights(self, to_object_store: bool) -> Any:
+        """All ranks: gather the full student (as `save_weights`, without the file). Rank 0 returns the
+        tensors, or, running as a Ray actor (`to_object_store`), `[ref]`: the one ObjectRef of them it put
+        into Ray's object store, for every rollout engine and the teacher to read (the list keeps Ray from
+        treating the ref as this call's result). Other ranks return None.
+
+        Without Ray the tensors may alias this learner's parameters (a 1-rank CPU gather need not copy):
+        every consumer copies them into its own model before the learner's next step."""
+        state = self._rollout_state()
+        if state is None or not to_object_store:
+            return state
+        import ray
+
+        return [ray.put(state)]
 
     def save_checkpoint(self, directory: str) -> None:
         """All ranks: DCP shards of model + optimizer, this rank's RNG, rank 0 the scheduler."""

@@ -62,13 +62,16 @@ class Objective(Protocol):
     def add_stats(self, stats: Any, samples: list[LearnerSample], values: dict[str, Any]) -> None: ...
 
 
-def student_batch(samples: list[LearnerSample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The right-padded student batch; an empty list is a dummy micro-batch without targets (ranks must
+def student_batch(
+    samples: list[LearnerSample], pad_id: int, device: torch.device, packing: bool = False
+) -> dict[str, torch.Tensor]:
+    """The right-padded student batch, or (packing) one packed row without padding
+    (`rollout_data.collate_sequences`); an empty list is a dummy micro-batch without targets (ranks must
     run the same number of forwards)."""
     if samples:
-        batch = collate_sequences([(s.student_ids, s.student_mask) for s in samples], pad_id)
+        batch = collate_sequences([(s.student_ids, s.student_mask) for s in samples], pad_id, packing)
     else:
-        batch = collate_sequences([([0, 0], [0, 0])], 0)
+        batch = collate_sequences([([0, 0], [0, 0])], 0, packing)
     return {key: v.to(device) for key, v in batch.items()}
 
 
@@ -116,9 +119,10 @@ class DistillationObjective:
     name = "distillation"
     needs_teacher = True
 
-    def __init__(self, div: Divergence, vocab_size: int):
+    def __init__(self, div: Divergence, vocab_size: int, packing: bool = False):
         self.div = div
         self.vocab_size = vocab_size
+        self.packing = packing  # micro-batches as one packed row (student_batch)
         self.teacher_weight: torch.Tensor | None = None  # [V, H_T]: full vocabulary only
         self.own_teacher_head = False  # the learner scores the teacher itself: its own lm_head, detached
 
@@ -148,14 +152,14 @@ class DistillationObjective:
     def micro_batch_loss(
         self, model: TargetLogitsLM, samples: list[LearnerSample], pad_id: int, device: torch.device
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        batch = student_batch(samples, pad_id, device)
+        batch = student_batch(samples, pad_id, device, self.packing)
         chunk_fn, per_row, extra = self._teacher_rows(samples, device)
         next_mask = batch["target_mask"][:, 1:].bool()  # [B, T-1]: position t predicts token t + 1
         if int(next_mask.sum()) != per_row[0].shape[0]:
             raise ValueError(f"{int(next_mask.sum())} student targets but {per_row[0].shape[0]} teacher rows")
         chunks, anchor = model(
             batch["input_ids"],
-            batch["attention_mask"],
+            batch.get("attention_mask"),
             batch["position_ids"],
             next_mask,
             chunk_fn,
@@ -242,8 +246,9 @@ class GRPOObjective:
     name = "grpo"
     needs_teacher = False
 
-    def __init__(self, cfg: Any, temperature: float):
+    def __init__(self, cfg: Any, temperature: float, packing: bool = False):
         self.cfg = cfg  # SelfDistillationConfig.grpo
+        self.packing = packing  # micro-batches as one packed row (student_batch)
         self.options = PolicyOptions(cfg.clip_low, cfg.clip_high, cfg.kl_coef, temperature)
 
     def count(self, samples: list[LearnerSample]) -> list[float]:
@@ -252,7 +257,7 @@ class GRPOObjective:
     def micro_batch_loss(
         self, model: TargetLogitsLM, samples: list[LearnerSample], pad_id: int, device: torch.device
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        batch = student_batch(samples, pad_id, device)
+        batch = student_batch(samples, pad_id, device, self.packing)
         next_mask = batch["target_mask"][:, 1:].bool()
         lengths = [s.num_targets for s in samples]
         weights = aggregation_weights(lengths, self.cfg.aggregation)
@@ -270,7 +275,7 @@ class GRPOObjective:
         )
         chunks, anchor = model(
             batch["input_ids"],
-            batch["attention_mask"],
+            batch.get("attention_mask"),
             batch["position_ids"],
             next_mask,
             _policy_terms,
@@ -326,10 +331,13 @@ def select_rollouts(name: str, grpo: Any, rewards: list[list[float]]) -> Rollout
     return RolloutSelection([not z for z in groups.zero_variance], kept, metrics)
 
 
-def build_objective(name: str, div: Divergence, vocab_size: int, grpo: Any = None) -> Objective:
-    """The objective `name` (OBJECTIVE_NAMES); `grpo` = the config's grpo section."""
+def build_objective(
+    name: str, div: Divergence, vocab_size: int, grpo: Any = None, packing: bool = False
+) -> Objective:
+    """The objective `name` (OBJECTIVE_NAMES); `grpo` = the config's grpo section; `packing` = each
+    micro-batch is one packed row without padding (same loss and gradients as the padded batch)."""
     if name == "distillation":
-        return DistillationObjective(div, vocab_size)
+        return DistillationObjective(div, vocab_size, packing)
     if name == "grpo":
-        return GRPOObjective(grpo, div.temperature)
+        return GRPOObjective(grpo, div.temperature, packing)
     raise ValueError(f"unknown objective {name!r}; choose one of {list(OBJECTIVE_NAMES)}")

@@ -23,6 +23,7 @@ import torch
 from self_distillation.teacher_context import GroupSample, TeacherContext
 from self_revision_training.shared.problems import Problem
 from self_revision_training.shared.rewards import Verdict
+from self_revision_training.shared.target_logits import packed_position_ids
 
 
 @dataclass
@@ -158,27 +159,40 @@ def build_rollout_items(
     return items, skipped
 
 
-def collate_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch.
+def collate_sequences(
+    sequences: list[tuple[list[int], list[int]]], pad_id: int, packed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch, or one packed row without padding.
 
     Args:
         sequences: (input ids, target mask) pairs.
+        packed: concatenate the sequences into one row ([1, sum of lengths]) with position ids restarting
+            at 0 for each sequence and no attention_mask: transformers then keeps each sequence's attention
+            inside it (`target_logits.packed_position_ids`). Targets keep their order (sequence by
+            sequence), so `select_target_rows` returns the same rows as from the padded batch.
     Returns:
-        input_ids [B, T] int64, attention_mask [B, T] {0,1}, position_ids [B, T], target_mask [B, T] {0,1}
-        (1 on target tokens; position t - 1 predicts a target at t).
+        input_ids [B, T] int64, attention_mask [B, T] {0,1} (padded only), position_ids [B, T],
+        target_mask [B, T] {0,1} (1 on target tokens; position t - 1 predicts a target at t).
     """
+    for row, (ids, mask) in enumerate(sequences):
+        if len(ids) != len(mask):
+            raise ValueError(f"sequence {row}: {len(ids)} ids but {len(mask)} mask values")
+        if mask and mask[0]:  # also what keeps a packed row's targets inside their own sequence
+            raise ValueError("a target at position 0 has no preceding position to predict it")
+    if packed:
+        return {
+            "input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]], dtype=torch.long),
+            "position_ids": packed_position_ids([len(ids) for ids, _ in sequences]),
+            "target_mask": torch.tensor([[m for _, mask in sequences for m in mask]], dtype=torch.long),
+        }
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     target_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, (ids, mask) in enumerate(sequences):
-        if len(ids) != len(mask):
-            raise ValueError(f"sequence {row}: {len(ids)} ids but {len(mask)} mask values")
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         target_mask[row, : len(ids)] = torch.tensor(mask)
-    if bool(target_mask[:, 0].any()):
-        raise ValueError("a target at position 0 has no preceding position to predict it")
     position_ids = torch.arange(width).expand(len(sequences), -1)
     return {
         "input_ids": input_ids,

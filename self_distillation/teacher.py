@@ -5,6 +5,12 @@ divergence's temperature as top-k ids + log-probs (`top_k` set; the reference's 
 (temperature 1) log-prob of the target token for the gap metric. Only the target positions go through the
 lm_head (`target_logits.select_target_rows`).
 
+Batching (`pack_tokens`, config `teacher_pack_tokens`): the sequences are sorted by length and packed into
+rows of at most that many tokens without padding, position ids restarting at 0 for each sequence, so no
+token attends across a boundary (`target_logits.packed_position_ids`, checked once per model by
+`check_packed_attention`); 0 = the padded micro-batches of `micro_batch_size` in input order. Packed and
+padded scoring give the same top-k ids and log-probs (float32: within 1e-5; tests/unit/test_teacher_packing.py).
+
 Full vocabulary (`top_k=None`, the paper's objective): [n, V] float32 log-probs would be ~0.6 MB per target
 token for a 151,936-entry vocabulary (~230 GB for a 128-sample step of 3k tokens). The teacher sends its
 final hidden states at the target positions instead ([n, H] in its compute dtype: 2 KB per token for H=1024
@@ -12,7 +18,7 @@ in bf16), and the learner computes the teacher's logits chunk by chunk with the 
 (`lm_head_weight`, sent to the learners once per weights version) inside its loss (`objectives.py`).
 
 Weights: frozen by default; `load_weights` copies (or EMA-blends) the student's weights in for the
-teacher-sync ablation. A plain class: `actors.py` places it with Ray, tests build it directly.
+teacher-sync ablation, from a safetensors directory or from the learner's tensors (`ray.weight_sync`). A plain class: `actors.py` places it with Ray, tests build it directly.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import torch
 from self_distillation.losses import Divergence
 from self_distillation.rollout_data import collate_sequences
 from self_revision_training.shared.config import ModelConfig
-from self_revision_training.shared.target_logits import check_plain_lm_head, select_target_rows, upcast_logits
+from self_revision_training.shared.target_logits import (
+    check_packed_attention,
+    check_plain_lm_head,
+    plan_packed_rows,
+    select_target_rows,
+    upcast_logits,
+    use_packed_attention,
+)
 from self_revision_training.shared.training import load_causal_lm, resolve_dtype
 
 EMA_SHADOW_FILE = "ema_shadow.fp32"  # not *.safetensors: load_weights_dir reads only the weights
@@ -77,6 +90,7 @@ class Teacher:
         device: str | None = None,
         offload: bool = False,
         micro_batch_size: int = 4,
+        pack_tokens: int = 0,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         auto = torch.float32 if self.device.type == "cpu" else torch.bfloat16
@@ -84,8 +98,12 @@ class Teacher:
         check_plain_lm_head(self.model)
         self.divergence = divergence
         self.offload = offload and self.device.type == "cuda"  # colocated GPU runs: free memory when idle
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size  # padded path (pack_tokens 0): sequences per forward
+        self.pack_tokens = pack_tokens  # > 0: packed rows of at most this many tokens (sorted by length)
         self.model.to("cpu" if self.offload else self.device)
+        if pack_tokens:
+            use_packed_attention(self.model)  # sdpa: causal attention per packed sequence (varlen)
+            check_packed_attention(self.model)  # raises if this model's attention mixes packed sequences
         self._shadow: dict[str, torch.Tensor] = {}  # float32 EMA shadow (teacher sync with ema_decay > 0)
 
     @torch.no_grad()
@@ -94,26 +112,54 @@ class Teacher:
         target_logprobs [n] (raw distribution), for its n target tokens in order."""
         if self.offload:
             self.model.to(self.device)
-        results = []
-        for start in range(0, len(sequences), self.micro_batch_size):
-            chunk = sequences[start : start + self.micro_batch_size]
-            batch = {k: v.to(self.device) for k, v in collate_sequences(chunk, 0).items()}
-            hidden = self.model.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            ).last_hidden_state  # [B, T, H]
-            for row in range(len(chunk)):
-                rows, targets = select_target_rows(  # [n, H], [n]
+        if self.pack_tokens:
+            results = self._score_packed(sequences)
+        else:
+            results = []
+            for start in range(0, len(sequences), self.micro_batch_size):
+                results += self._score_rows(sequences[start : start + self.micro_batch_size], False)
+        if self.offload:
+            self.model.to("cpu")
+        return results
+
+    def _score_packed(self, sequences: list[tuple[list[int], list[int]]]) -> list[dict[str, torch.Tensor | None]]:
+        """Packed rows of up to `pack_tokens` tokens, longest sequences first (no padding at all)."""
+        results: list[dict[str, torch.Tensor | None]] = [{}] * len(sequences)
+        for row in plan_packed_rows([len(ids) for ids, _ in sequences], self.pack_tokens):
+            for i, out in zip(row, self._score_rows([sequences[i] for i in row], True), strict=True):
+                results[i] = out
+        return results
+
+    def _score_rows(
+        self, chunk: list[tuple[list[int], list[int]]], packed: bool
+    ) -> list[dict[str, torch.Tensor | None]]:
+        """The teacher outputs of `chunk`, run as one padded batch or one packed row."""
+        batch = {k: v.to(self.device) for k, v in collate_sequences(chunk, 0, packed).items()}
+        hidden = self.model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # [B, T, H] (packed: [1, sum of lengths, H])
+        if packed:  # the targets in order, sequence by sequence; split them by each sequence's count
+            rows, targets = select_target_rows(
+                hidden, batch["input_ids"][:, 1:], batch["target_mask"][:, 1:].bool()
+            )  # [N, H], [N]
+            counts = [sum(mask) for _, mask in chunk]
+            parts = zip(rows.split(counts), targets.split(counts), strict=True)
+        else:
+            parts = (
+                select_target_rows(  # [n, H], [n]
                     hidden[row : row + 1],
                     batch["input_ids"][row : row + 1, 1:],
                     batch["target_mask"][row : row + 1, 1:].bool(),
                 )
-                out = score_chunk(rows, self.model.lm_head, targets, self.divergence)
-                results.append({k: None if v is None else v.cpu() for k, v in out.items()})
-        if self.offload:
-            self.model.to("cpu")
+                for row in range(len(chunk))
+            )
+        results = []
+        for rows, targets in parts:
+            out = score_chunk(rows, self.model.lm_head, targets, self.divergence)
+            results.append({k: None if v is None else v.cpu() for k, v in out.items()})
         return results
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -123,15 +169,18 @@ class Teacher:
             raise ValueError("the teacher's lm_head has a bias; the full-vocabulary path assumes none")
         return head.weight.detach().cpu()
 
-    def load_weights(self, weights_dir: str, ema_decay: float = 0.0) -> None:
+    def load_weights(self, weights: str | dict[str, torch.Tensor], ema_decay: float = 0.0) -> None:
         """Teacher sync: copy (ema_decay 0) or EMA-blend the student's weights into the teacher.
+
+        `weights` is a directory of safetensors files (weight_sync=file) or the state dict itself
+        (weight_sync=memory: the learner's gathered tensors, read only).
 
         The EMA runs on a float32 shadow of every weight (created at the first blend from the teacher's
         current weights), and the teacher computes with the shadow rounded to its dtype: in bf16 storage,
         a blend with decay 0.99 moves most weights by less than half a unit in the last place, so an EMA
         computed in bf16 would leave them unchanged (audit finding 13).
         """
-        state = load_weights_dir(weights_dir)
+        state = load_weights_dir(weights) if isinstance(weights, (str, Path)) else weights
         own = self.model.state_dict()
         with torch.no_grad():
             for key, value in state.items():

@@ -111,15 +111,25 @@ def resolve_prompt(cfg: SelfDistillationConfig, tokenizer: Any):
     return cfg.prompt
 
 
-def sync_rollout(workers: Workers, weights_root: Path, tag: str, step: int) -> None:
-    """Learner rank 0 writes the weights; every rollout engine reloads them; older weight dirs are removed."""
-    target = weights_root / tag
-    learners = workers.learners
-    learners.call_all("save_weights", [(str(target),)] * len(learners.handles), f"at step {step}")
-    workers.rollout.update_weights(str(target), f"at step {step}")
+def sync_rollout(workers: Workers, weights_root: Path, tag: str, step: int, mode: str = "file") -> Any:
+    """The learner's current weights into every rollout engine (`ray.weight_sync`); returns them for the
+    teacher's sync. file: learner rank 0 writes weights_root/tag (safetensors), every engine reloads it;
+    returns the directory. memory: nothing is written; rank 0 hands the tensors over (with Ray: one object
+    it put into the object store, read by every engine; without: the dict itself) and they are returned.
+    Either way older weight dirs are removed."""
+    learners, ctx = workers.learners, f"at step {step}"
+    if mode == "memory":
+        remote = learners.handles[0].remote
+        weights = learners.call_all("export_weights", [(remote,)] * len(learners.handles), ctx)[0]
+        weights = weights[0] if remote else weights  # with Ray: [ObjectRef]
+    else:
+        weights = str(weights_root / tag)
+        learners.call_all("save_weights", [(weights,)] * len(learners.handles), ctx)
+    workers.rollout.update_weights(weights, ctx)
     for old in weights_root.glob("*"):
-        if old.name != tag:
+        if old.name != tag or mode == "memory":
             shutil.rmtree(old, ignore_errors=True)
+    return weights
 
 
 def count_steps(cfg: SelfDistillationConfig, num_problems: int) -> int:
@@ -233,7 +243,7 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
             learners.call_all("load_checkpoint", [(str(existing[-1] / "learner"),)] * world, "on resume")
             if cfg.teacher_mode in ("sync", "ema"):
                 teacher.call("restore_weights", str(existing[-1] / "teacher"), context="on resume")
-            sync_rollout(workers, weights_root, f"step_{start:06d}", start)
+            sync_rollout(workers, weights_root, f"step_{start:06d}", start, cfg.ray.weight_sync)
             print(f"[distill] resumed from {existing[-1]}", flush=True)
         push_teacher_head(workers, cfg, "at start")
 
@@ -280,13 +290,13 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
             )
             record_step(budget, cfg, batch, items, learner_out, timing)
             t0 = time.perf_counter()
-            sync_rollout(workers, weights_root, f"step_{step:06d}", step)
+            weights = sync_rollout(workers, weights_root, f"step_{step:06d}", step, cfg.ray.weight_sync)
             if cfg.teacher_mode == "ema" or (
                 cfg.teacher_mode == "sync" and step % cfg.teacher_sync_every == 0
             ):
                 teacher.call(
                     "load_weights",
-                    str(weights_root / f"step_{step:06d}"),
+                    weights,  # the synced directory, or the tensors (ray.weight_sync=memory)
                     cfg.teacher_ema_decay,  # 0 (sync) = a hard copy
                     context=f"at step {step}",
                 )

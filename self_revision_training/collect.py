@@ -83,7 +83,9 @@ class CollectConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_p=0.9, max_tokens=16384))
     grading: GradingConfig = field(default_factory=GradingConfig)
     reward: RewardName = "ground_truth"  # reward source of y_init and y_revised (shared.rewards)
-    vote: VoteConfig = field(default_factory=VoteConfig)  # reward=majority_vote: threshold, ties (online vote)
+    vote: VoteConfig = field(
+        default_factory=VoteConfig
+    )  # reward=majority_vote: threshold, ties (online vote)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     num_responses: int = 3  # y_init samples per problem
     num_revisions: int = 3  # y_revised samples per revised y_init
@@ -416,13 +418,13 @@ def _collect(cfg: CollectConfig, out: Path, attempts: BatchLog, mine: list, targ
                 verified.write_batch([r for r in records if r.get("verified")])
                 stats.add_batch(marker, records)
                 budget.add_generation_batch(cfg.dataset.path, marker, len(records))
-                budget.save(out)
                 state["session_seconds"] = round(time.time() - started, 1)
                 if target and stats.verified >= target:
                     state["status"] = "target_reached"
                 elif start + cfg.batch_size >= len(todo):
                     state["status"] = "range_done"
                 _write_summary(out, cfg, stats, state)
+                budget.save(out)
                 if progress is not None:
                     rev = stats.to_dict()["revision"]
                     progress.set_postfix(verified=stats.verified, yield_=rev["yield"], refresh=False)

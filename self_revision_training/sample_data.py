@@ -33,23 +33,21 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from self_revision_training.collect import check_model_and_prompts
+from self_revision_training.shards import check_shard_resume, shard_dir, shard_finished, write_shard_summary
 from self_revision_training.shared.budget import Budget
 from self_revision_training.shared.config import (
     BackendConfig,
-    ConfigError,
     DatasetConfig,
     GradingConfig,
     ModelConfig,
     PromptConfig,
     SamplingConfig,
-    load_yaml,
     parse_cli,
     to_dict,
 )
@@ -61,7 +59,7 @@ from self_revision_training.shared.prompts import (
     strip_eos,
 )
 from self_revision_training.shared.rewards import RewardName
-from self_revision_training.shared.run_config import check_resume_config, save_run_config
+from self_revision_training.shared.run_config import save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.storage import (
     BatchLog,
@@ -134,26 +132,8 @@ RESUME_ALLOWED = tuple(
 )
 
 
-def shard_dir(cfg: SampleDataConfig) -> Path:
-    return Path(cfg.output_dir) / f"shard-{cfg.shard_index}-of-{cfg.num_shards}"
-
-
 def check_resume(cfg: SampleDataConfig, out: Path) -> None:
-    for other in Path(cfg.output_dir).glob("shard-*-of-*"):
-        match = re.fullmatch(r"shard-\d+-of-(\d+)", other.name)
-        if match and int(match.group(1)) != cfg.num_shards and (other / SAMPLES_FILE).is_file():
-            raise ConfigError(
-                f"{cfg.output_dir} holds samples from {match.group(1)} shards ({other.name}); "
-                f"num_shards={cfg.num_shards} would sample problems twice. Use a new output_dir."
-            )
-    saved, samples = out / "config.yaml", out / SAMPLES_FILE
-    if saved.is_file() and samples.is_file() and samples.stat().st_size:
-        check_resume_config(
-            load_yaml(saved.read_text(encoding="utf-8")) or {},
-            to_dict(cfg),
-            allowed=RESUME_ALLOWED,
-            where=f"the samples in {out}",
-        )
+    check_shard_resume(cfg, out, SAMPLES_FILE, RESUME_ALLOWED, "samples", num_shards=cfg.num_shards)
 
 
 def sample_batch(cfg, batch_no, problems, backend, tokenizer, reward) -> tuple[list[dict], int]:
@@ -248,8 +228,8 @@ def to_sft_record(rec: dict, strategy: str) -> dict:
 def finalize(cfg: SampleDataConfig) -> dict | None:
     """Once every shard is done: the strategy's filter over all samples -> sft.jsonl + summary.json."""
     root = Path(cfg.output_dir)
-    shards = [root / f"shard-{k}-of-{cfg.num_shards}" for k in range(cfg.num_shards)]
-    pending = [s.name for s in shards if not _shard_done(s)]
+    shards = [shard_dir(root, k, cfg.num_shards) for k in range(cfg.num_shards)]
+    pending = [s.name for s in shards if not shard_finished(s)]
     if pending:
         log.info("samples written; sft.jsonl follows when shards %s have finished", pending)
         return None
@@ -288,15 +268,10 @@ def finalize(cfg: SampleDataConfig) -> dict | None:
     return summary
 
 
-def _shard_done(shard: Path) -> bool:
-    path = shard / SUMMARY_FILE
-    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("status") in ("done", "budget")
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_cli(SampleDataConfig, argv, description=__doc__.splitlines()[0])
-    out = shard_dir(cfg)
+    out = shard_dir(cfg.output_dir, cfg.shard_index, cfg.num_shards)
     if cfg.check_only:
         check_resume(cfg, out)
         problems, report = load_problems(cfg.dataset)
@@ -356,18 +331,13 @@ def _sample(cfg: SampleDataConfig, out: Path, samples: BatchLog, mine: list[Prob
                     )
                     budget.add_generation_batch(cfg.dataset.path, marker, len(records))
                     batches += 1
-                    _write_shard_summary(out, budget, batches, "running")
+                    write_shard_summary(out, budget, batches, "running")
                     log.info(
                         "%s: %d samples, %d tokens", out, budget.samples_generated, budget.tokens_generated
                     )
         finally:
             backend.close()
-    _write_shard_summary(out, budget, batches, status)
-
-
-def _write_shard_summary(out: Path, budget: Budget, batches: int, status: str) -> None:
-    budget.save(out)
-    atomic_write_json(out / SUMMARY_FILE, {"status": status, "batches": batches, **budget.to_dict()})
+    write_shard_summary(out, budget, batches, status)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ from self_revision_training.shared.prompts import (
 from self_revision_training.shared.run_config import check_resume_config, save_run_config
 from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
 from self_revision_training.shared.run_log import MetricsLogger
+from self_revision_training.shared.target_logits import (
+    check_packed_attention,
+    packed_position_ids,
+    use_packed_attention,
+)
 from self_revision_training.shared.training import (
     HealthProbe,
     MicroBatch,
@@ -100,6 +105,7 @@ class SFTConfig:
     micro_batch_size: int = 1  # sequences per forward per rank
     grad_accum: int = 1  # micro-batches per optimizer step per rank
     batching: Literal["length_grouped", "none"] = "length_grouped"  # length_grouped: little padding
+    packing: bool = False  # each micro-batch as one packed row without padding (same loss and gradients)
     overlong: Literal["truncate", "drop"] = "truncate"  # truncate cuts the completion, keeps the prompt
     seed: int = 0  # data order and torch seed
     activation_checkpointing: bool = True  # recompute decoder layers in backward (reference: on)
@@ -231,8 +237,24 @@ def train_step(
     }
 
 
-def collate(examples: list[SFTExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded [B, T] tensors; attention_mask only when there is padding."""
+def collate(
+    examples: list[SFTExample], pad_id: int, device: torch.device, packing: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded [B, T] tensors (attention_mask only when there is padding), or (packing) one row
+    [1, sum of lengths] without padding: position ids restart at 0 for each example, so attention stays
+    inside each one (`target_logits.packed_position_ids`), and each example's first label is ignored (it
+    would be predicted by the previous example's last token; in the padded layout no position predicts it)."""
+    if packing:
+        if any(len(ex.labels) != len(ex.input_ids) for ex in examples):
+            raise ValueError("packing needs one label per input token in every example")
+        ids = [t for ex in examples for t in ex.input_ids]
+        labels = [t for ex in examples for t in [IGNORE_INDEX, *ex.labels[1:]]]
+        batch = {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": packed_position_ids([len(ex.input_ids) for ex in examples]),
+        }
+        return {k: v.to(device) for k, v in batch.items()}
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -259,6 +281,9 @@ def build_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, 
         cfg.model, resolve_dtype(cfg.model.dtype), attn_implementation=cfg.attn_implementation
     )
     causal_lm.config.use_cache = False
+    if cfg.packing:  # sdpa -> per-sequence causal attention; refuse a model that would mix sequences
+        use_packed_attention(causal_lm)
+        check_packed_attention(causal_lm)  # before sharding: a plain forward of the unwrapped model
     mixed = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     model = CompletionLossModel(causal_lm, cfg.loss_chunk_size)
     dist_utils.wrap_fsdp(
@@ -341,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     model, hf_config, mixed = build_model(cfg, device)
     health = (
         HealthProbe(
-            forward_dtype=torch.bfloat16 if mixed else None, num_sequences=lambda b: b["input_ids"].shape[0]
+            forward_dtype=torch.bfloat16 if mixed else None,
+            num_sequences=lambda b: int((b["position_ids"] == 0).sum()),  # one 0 per sequence, packed too
         )
         if cfg.health_metrics
         else None
@@ -406,9 +432,9 @@ def main(argv: list[str] | None = None) -> None:
             batching=cfg.batching,
         )[rank]
         micro = [
-            (collate([examples[i] for i in idx], pad_id, device), 1.0)
+            (collate([examples[i] for i in idx], pad_id, device, cfg.packing), 1.0)
             if idx
-            else (collate([dummy], pad_id, device), 0.0)
+            else (collate([dummy], pad_id, device, cfg.packing), 0.0)
             for idx in slots
         ]
         lr = scheduler.get_last_lr()[0]

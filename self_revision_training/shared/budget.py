@@ -111,8 +111,10 @@ def collect_run_budget(run_dir: str | Path, stage_dirs: Iterable[str | Path] = (
     of `stage_dirs` when given (a method built on another's stages, e.g. SD-Zero on the SRT run)."""
     root = Path(run_dir)
     roots = [Path(d) for d in stage_dirs] or [root]
-    tops = {root.resolve(), *(r.resolve() for r in roots)}  # a method's own total is not one of its stages
-    files = sorted({p for r in roots for p in r.rglob(BUDGET_FILE) if p.parent.resolve() not in tops})
+    found = sorted({p for r in roots for p in r.rglob(BUDGET_FILE)})
+    loaded = {p: json.loads(p.read_text(encoding="utf-8")) for p in found}
+    # a total (this function's output, e.g. a nested loop's own budget.json) is not a stage: its stages are
+    files = [p for p in found if loaded[p].get("stage") != "total"]
     if not files:
         raise FileNotFoundError(
             f"no {BUDGET_FILE} under {', '.join(map(str, roots))}: no stage has written one"
@@ -124,7 +126,7 @@ def collect_run_budget(run_dir: str | Path, stage_dirs: Iterable[str | Path] = (
         except ValueError:  # a stage outside run_dir: its path
             return str(path.parent)
 
-    return sum_budgets((name(p), Budget.from_dict(json.loads(p.read_text(encoding="utf-8")))) for p in files)
+    return sum_budgets((name(p), Budget.from_dict(loaded[p])) for p in files)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

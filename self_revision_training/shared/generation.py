@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from self_revision_training.shared.config import BackendConfig, ModelConfig, SamplingConfig
 
@@ -59,7 +60,10 @@ class GenerationBackend(Protocol):
         return_logprobs: bool = False,
     ) -> list[list[Sample]]: ...
 
-    def update_weights(self, weights_dir: str | Path) -> None: ...
+    def update_weights(self, weights: str | Path | Mapping[str, Any]) -> None:
+        """New policy weights: a directory of *.safetensors files, or the tensors themselves ({Hugging Face
+        parameter name: tensor}, a tied lm_head left out); bumps `policy_version`."""
+        ...
 
     def set_call_index(self, index: int) -> None:
         """Make the next generate call draw the seed of call number `index` (HF: replays a resumed run;
@@ -178,16 +182,25 @@ class VLLMBackend:
             results.append(samples)
         return results
 
-    def update_weights(self, weights_dir: str | Path) -> None:
-        """Reload weights from a safetensors directory into the running engine (pinned: vLLM 0.32.0).
+    def update_weights(self, weights: str | Path | Mapping[str, Any]) -> None:
+        """Reload weights into the running engine from a safetensors directory or from tensors in memory
+        (pinned: vLLM 0.32.0).
 
-        This is the one place that reaches into vLLM: the worker's layerwise in-place `reload_weights`
-        (works on GPU and on CPU, where `load_weights` fails on oneDNN-packed linears), then a re-pack of
-        a tied lm_head, which the CPU reload otherwise leaves holding the old embedding.
+        This is the one place that reaches into vLLM: `collective_rpc` runs `VLLMWeightSync.sync_weights`
+        on every worker, which calls the worker's layerwise in-place `reload_weights` with `weights_path`
+        or a `weights_iterator` over the tensors (works on GPU and on CPU, where `load_weights` fails on
+        oneDNN-packed linears), then re-packs a tied lm_head, which the CPU reload otherwise leaves holding
+        the old embedding. Tensors reach the workers as `collective_rpc` arguments: in-process with
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 (the CPU setting), serialised to the engine process otherwise;
+        the NCCL broadcast into GPU workers is not implemented.
         """
-        results = self.llm.collective_rpc("sync_weights_from_path", args=(str(weights_dir),))
+        if isinstance(weights, (str, Path)):
+            args, where = (str(weights), None), str(weights)
+        else:
+            args, where = (None, list(weights.items())), f"{len(weights)} tensors in memory"
+        results = self.llm.collective_rpc("sync_weights", args=args)
         if not all(results):
-            raise RuntimeError(f"vLLM weight reload from {weights_dir} failed on a worker: {results}")
+            raise RuntimeError(f"vLLM weight reload from {where} failed on a worker: {results}")
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         self.policy_version += 1
 
@@ -204,8 +217,12 @@ class VLLMBackend:
 class VLLMWeightSync:
     """Mixed into each vLLM worker (`worker_extension_cls`); called through `collective_rpc`."""
 
-    def sync_weights_from_path(self, path: str) -> bool:
-        self.reload_weights(weights_path=path)
+    def sync_weights(self, path: str | None, named_tensors: list[tuple[str, Any]] | None) -> bool:
+        """Reload from a safetensors directory (`path`) or from (name, tensor) pairs (vLLM 0.32.0)."""
+        if named_tensors is None:
+            self.reload_weights(weights_path=path)
+        else:
+            self.reload_weights(weights_iterator=iter(named_tensors))
         model = self.model_runner.model
         if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
             # vLLM 0.32 CPU: the lm_head's oneDNN handle was packed from the old embedding.
@@ -351,22 +368,23 @@ class HFBackend:
                 raise RuntimeError("NaN log-probability from the model")
         return Sample(text, ids, reason, lp)
 
-    def update_weights(self, weights_dir: str | Path) -> None:
-        """Load a safetensors directory's weights into the model in place."""
-        from safetensors.torch import load_file
+    def update_weights(self, weights: str | Path | Mapping[str, Any]) -> None:
+        """Load a safetensors directory's weights, or the given tensors, into the model in place."""
+        if isinstance(weights, (str, Path)):
+            from safetensors.torch import load_file
 
-        state = {}
-        for path in sorted(Path(weights_dir).glob("*.safetensors")):
-            state.update(load_file(str(path)))
-        if not state:
-            raise FileNotFoundError(f"no *.safetensors files in {weights_dir}")
+            where, state = str(weights), {}
+            for path in sorted(Path(weights).glob("*.safetensors")):
+                state.update(load_file(str(path)))
+            if not state:
+                raise FileNotFoundError(f"no *.safetensors files in {weights}")
+        else:
+            where, state = "the tensors in memory", weights
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = getattr(self.model.config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k == "lm_head.weight")]
         if missing or unexpected:
-            raise RuntimeError(
-                f"weights in {weights_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+            raise RuntimeError(f"weights in {where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if tied:
             self.model.tie_weights()
         self.policy_version += 1

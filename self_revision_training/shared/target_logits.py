@@ -65,6 +65,153 @@ def select_target_rows(
     return hidden[:, :-1][next_mask], next_tokens[next_mask]
 
 
+def plan_packed_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Sequence indices per packed row: longest first, each into the first row it fits (first-fit
+    decreasing), a row holding at most `budget` tokens (a longer sequence gets a row of its own).
+
+    Args:
+        lengths: tokens of each sequence.
+        budget: tokens per row (>= 1).
+    Returns:
+        rows of indices; every index appears once, rows in order of their first (longest) sequence.
+    """
+    if budget < 1:
+        raise ValueError(f"a packed row needs a budget >= 1 token, got {budget}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(budget - lengths[i])
+    return rows
+
+
+def packed_position_ids(lengths: Sequence[int]) -> torch.Tensor:
+    """[1, sum(lengths)] int64: 0..n-1 for each sequence of a packed row, in order.
+
+    With `attention_mask=None`, transformers (>= 4.53; here 5.x) reads a position that does not follow
+    its left neighbour as the start of a new sequence and builds a block-diagonal causal mask (sdpa,
+    eager, flex) or uses the varlen kernel (flash_attention_2), so no token attends across a boundary;
+    `check_packed_attention` verifies that for a given model.
+    """
+    return torch.cat([torch.arange(n) for n in lengths])[None] if lengths else torch.zeros(1, 0).long()
+
+
+PACKED_SDPA = "sdpa_packed"  # the attention implementation `use_packed_attention` registers with transformers
+
+
+def _sequence_starts(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[int] | None:
+    """[0, start of each later sequence, T] of a packed row (batch 1, no cache), else None (one sequence,
+    a padded batch, decoding). A position that does not follow its left neighbour starts a sequence (the
+    rule transformers' `find_packed_sequence_indices` uses for the block-diagonal mask)."""
+    if position_ids is None or query.shape[0] != 1 or position_ids.shape[-1] != query.shape[2]:
+        return None
+    if key.shape[2] != query.shape[2]:
+        return None
+    pos = position_ids.reshape(-1)
+    starts = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    return [0, *starts, pos.numel()] if starts else None
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [1, Hq, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except on a packed row: causal sdpa per sequence (the varlen path).
+
+    A block-diagonal mask over a packed row of R tokens makes sdpa compute all R^2 scores and, with an
+    explicit mask, leaves the fused causal kernels (measured on CPU: slower than padding); one causal call
+    per sequence computes only each sequence's own triangle. Every other call (padded batches, a single
+    sequence, sliding-window layers, decoding) is `sdpa_attention_forward` unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = _sequence_starts(kwargs.get("position_ids"), query, key)
+    if starts is None or kwargs.get("sliding_window") or not getattr(module, "is_causal", True):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    gqa = query.shape[1] != key.shape[1]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None  # [1, T, Hq, D]
+
+
+def use_packed_attention(causal_lm: nn.Module) -> str:
+    """Switch a model on transformers' sdpa to `packed_sdpa_attention` (registered here under PACKED_SDPA,
+    with sdpa's mask function); other implementations keep theirs (flash_attention_2 is varlen already,
+    eager/flex apply the block-diagonal mask). Returns the implementation in use."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    implementation = causal_lm.config._attn_implementation
+    if implementation not in ("sdpa", PACKED_SDPA):
+        return implementation
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    causal_lm.set_attn_implementation(PACKED_SDPA)
+    return PACKED_SDPA
+
+
+@torch.no_grad()
+def check_packed_attention(causal_lm: nn.Module, lengths: Sequence[int] = (7, 9), seed: int = 0) -> None:
+    """Raise unless packing is exact for this model: a packed sequence's hidden states must not depend on
+    the sequence packed before it, and must equal those of the sequence run alone.
+
+    Run once on the plain (unsharded) model before packing is used: a model whose attention ignores the
+    packed position ids (custom remote code, an attention implementation without packed support) would
+    otherwise mix sequences silently.
+    """
+    decoder = causal_lm.model
+    vocab = causal_lm.config.vocab_size
+    param = next(causal_lm.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    first, second, first_alt = (torch.randint(0, vocab, (n,), generator=gen) for n in (*lengths, lengths[0]))
+    positions = packed_position_ids(lengths).to(param.device)
+
+    def hidden(ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        out = decoder(input_ids=ids[None].to(param.device), position_ids=pos, use_cache=False)
+        return out.last_hidden_state[0].float()
+
+    was_training = causal_lm.training
+    causal_lm.eval()  # no dropout: the three forwards must differ only by what is packed
+    try:
+        alone = hidden(second, torch.arange(lengths[1], device=param.device)[None])
+        packed = hidden(torch.cat([first, second]), positions)[lengths[0] :]
+        packed_alt = hidden(torch.cat([first_alt, second]), positions)[lengths[0] :]
+    finally:
+        causal_lm.train(was_training)
+    scale = float(alone.abs().max()) + 1e-6
+    tolerance = 1e-3 if param.dtype in (torch.float32, torch.float64) else 3e-2  # bf16: rounding only
+    errors = (float((packed - alone).abs().max()) / scale, float((packed_alt - packed).abs().max()) / scale)
+    if max(errors) > tolerance:
+        attn = getattr(causal_lm.config, "_attn_implementation", None)
+        raise ValueError(
+            f"{type(causal_lm).__name__} (attention {attn!r}) does not keep packed sequences apart "
+            f"(relative hidden-state error {max(errors):.2g} > {tolerance:g}): set packing off for this model"
+        )
+
+
 def map_chunks(
     fn: Callable[..., Any],
     rows: torch.Tensor,

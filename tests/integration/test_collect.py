@@ -458,7 +458,12 @@ def test_killing_the_driver_script_kills_the_collector(tiny_model_dir, addition_
     )  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline and driver.poll() is None:
-        if attempts.exists() and b'"batch_done"' in attempts.read_bytes():
+        # a batch is committed and its summary written (the summary follows the commit marker)
+        if (
+            attempts.exists()
+            and b'"batch_done"' in attempts.read_bytes()
+            and (shard / "summary.json").exists()
+        ):
             break
         time.sleep(0.01)
     assert driver.poll() is None, driver.stderr.read().decode()[-2000:]

@@ -34,6 +34,7 @@ CORE = [
     "self_revision_training.sft_data",
     "self_revision_training.ssd_filter",
     "self_revision_training.undo_data",
+    "self_revision_training.undo_tutor",
     # Phase 2 core
     "self_distillation.config",
     "self_distillation.teacher_context",
