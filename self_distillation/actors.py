@@ -23,7 +23,7 @@ from self_distillation.config import SelfDistillationConfig
 from self_distillation.learner import Learner
 from self_distillation.losses import Divergence
 from self_distillation.placement import PlacementPlan, build_placement
-from self_distillation.teacher import Teacher
+from self_distillation.teacher import Teacher, resolve_weights
 from self_revision_training.shared.config import BackendConfig, GradingConfig, ModelConfig, SamplingConfig
 
 
@@ -61,8 +61,9 @@ class RolloutWorker:
         return rows, self.backend.policy_version
 
     def update_weights(self, weights: Any) -> int:
-        """`weights`: a safetensors directory or {name: tensor} (a Ray argument arrives resolved)."""
-        self.backend.update_weights(weights)
+        """`weights`: a safetensors directory, {name: tensor}, or `teacher.share_weights` arrays (a Ray
+        ObjectRef argument arrives resolved: views of the object store's shared memory)."""
+        self.backend.update_weights(weights if isinstance(weights, str) else resolve_weights(weights))
         return self.backend.policy_version
 
     def close(self) -> None:

@@ -111,7 +111,7 @@ class RayConfig:
     address: str | None = None  # null = RAY_ADDRESS from the environment or a new local cluster
     master_port: int | None = None  # torch.distributed rendezvous port; null = a free one on rank 0's node
     weight_sync: Literal["memory", "file"] = (
-        "file"  # learner -> rollout engines: tensors in memory (Ray object store) or a safetensors dir
+        "memory"  # learner -> rollout engines: tensors (Ray object store / direct) or a safetensors dir
     )
 
     def __post_init__(self) -> None:
@@ -198,7 +198,7 @@ class SelfDistillationConfig:
         0.0  # ema: after every optimizer step, teacher = d * teacher + (1 - d) * student
     )
     teacher_offload: bool = True  # GPU: move the teacher to CPU between scoring calls (colocated)
-    teacher_pack_tokens: int = 0  # teacher forward: packed rows of <= this many tokens; 0 = padded batches of 4
+    teacher_pack_tokens: int = 0  # teacher: tokens per packed row (sorted, no padding); 0 = padded, 4 a batch
     packing: bool = False  # learner: each micro-batch as one packed row without padding (same loss)
     val_period: int = 20  # steps between validations; 0 = none (start/end still run when val_data set)
     val_at_start: bool = True  # validate before the first step

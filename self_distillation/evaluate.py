@@ -44,7 +44,7 @@ from self_revision_training.shared.prompts import (
     save_prompt_spec,
 )
 from self_revision_training.shared.run_config import git_sha, save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
+from self_revision_training.shared.run_lock import lock_directory
 from self_revision_training.shared.storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.evaluate")
@@ -143,11 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if _comparable(old.get("config", {})) == _comparable(to_dict(cfg)):
             log.info("reusing %s (same config)", out / SUMMARY_FILE)
             return old
-    try:
-        lock = acquire_run_lock(out, "evaluation")  # one run writes an output_dir at a time
-    except RunLockError as exc:
-        raise SystemExit(f"evaluate: {exc}") from None
-    with lock:
+    with lock_directory(out, "evaluation", "evaluate"):
         return _evaluate(cfg, out)
 
 

@@ -26,7 +26,7 @@ from self_distillation.config import SelfDistillationConfig
 from self_distillation.losses import Divergence
 from self_distillation.objectives import build_objective, student_batch
 from self_distillation.rollout_data import LearnerSample
-from self_distillation.teacher import score_chunk
+from self_distillation.teacher import score_chunk, share_weights
 from self_revision_training.shared import checkpoints
 from self_revision_training.shared import distributed as dist_utils
 from self_revision_training.shared.lora import adapters_disabled, apply_lora, merge_lora_state
@@ -263,9 +263,9 @@ class Learner:
 
     def export_weights(self, to_object_store: bool) -> Any:
         """All ranks: gather the full student (as `save_weights`, without the file). Rank 0 returns the
-        tensors, or, running as a Ray actor (`to_object_store`), `[ref]`: the one ObjectRef of them it put
-        into Ray's object store, for every rollout engine and the teacher to read (the list keeps Ray from
-        treating the ref as this call's result). Other ranks return None.
+        tensors, or, running as a Ray actor (`to_object_store`), `[ref]`: the one ObjectRef of them
+        (`teacher.share_weights`) it put into Ray's object store, for every rollout engine and the teacher to
+        read (the list keeps Ray from treating the ref as this call's result). Other ranks return None.
 
         Without Ray the tensors may alias this learner's parameters (a 1-rank CPU gather need not copy):
         every consumer copies them into its own model before the learner's next step."""
@@ -274,7 +274,7 @@ class Learner:
             return state
         import ray
 
-        return [ray.put(state)]
+        return [ray.put(share_weights(state))]  # numpy views: every reader maps the one shared copy
 
     def save_checkpoint(self, directory: str) -> None:
         """All ranks: DCP shards of model + optimizer, this rank's RNG, rank 0 the scheduler."""

@@ -47,7 +47,7 @@ from self_revision_training.shared.prompts import (
     load_prompt_spec,
 )
 from self_revision_training.shared.run_config import check_resume_config, save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
+from self_revision_training.shared.run_lock import lock_directory
 from self_revision_training.shared.run_log import MetricsLogger
 
 CONSOLE_METRICS = ("train/kl_r1", "train/kl_r0", "train/clip_fraction", "train/ratio_mean", "train/entropy")
@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.output_dir)
     ckpt_root, weights_root = out / "checkpoints", out / "weights"
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = acquire_run_lock(out, "distillation")  # one writer per output directory
-    except RunLockError as exc:
-        raise SystemExit(f"[distill] {exc}") from None
-    with lock:
+    with lock_directory(out, "distillation", "[distill]"):
         run(cfg, out, ckpt_root, weights_root)
 
 

@@ -49,7 +49,7 @@ from self_revision_training.shared.config import (
 )
 from self_revision_training.shared.problems import load_problems
 from self_revision_training.shared.run_config import check_resume_config, save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
+from self_revision_training.shared.run_lock import lock_directory
 from self_revision_training.shared.storage import atomic_write_json, read_jsonl
 from self_revision_training.undo_tutor import check_stop, compute_best_iteration
 
@@ -243,11 +243,7 @@ def main(argv: list[str] | None = None, runner: StageRunner | None = None) -> di
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_cli(UndoConfig, argv, description=__doc__.splitlines()[0])
     out = Path(cfg.output_dir)
-    try:
-        lock = acquire_run_lock(out, "UNDO loop")
-    except RunLockError as exc:
-        raise SystemExit(f"undo: {exc}") from None
-    with lock:
+    with lock_directory(out, "UNDO loop", "undo"):
         check_resume(cfg, out)
         check_disjoint(cfg)
         Stages(cfg, out).check()

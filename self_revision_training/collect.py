@@ -69,7 +69,7 @@ from self_revision_training.shared.prompts import (
 from self_revision_training.shared.rewards import RewardName
 from self_revision_training.shared.rewards.majority_vote import VoteConfig, pin_vote_label
 from self_revision_training.shared.run_config import check_resume_config, save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock, check_run_lock
+from self_revision_training.shared.run_lock import RunLockError, check_run_lock, lock_directory
 from self_revision_training.shared.storage import BatchLog, JsonlWriter, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sdzero.collect")
@@ -307,11 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = shard_dir(cfg)
     if cfg.check_only:
         return _check_only(cfg, out)
-    try:
-        lock = acquire_run_lock(out, "collection")  # one writer per shard directory
-    except RunLockError as exc:
-        raise SystemExit(f"collect: {exc}") from None
-    with lock:
+    with lock_directory(out, "collection", "collect"):
         check_resume(cfg, out)
         problems, report = load_problems(cfg.dataset)
         mine = [p for p in problems if p.index % cfg.num_shards == cfg.shard_index]

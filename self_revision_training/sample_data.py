@@ -60,7 +60,7 @@ from self_revision_training.shared.prompts import (
 )
 from self_revision_training.shared.rewards import RewardName
 from self_revision_training.shared.run_config import save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
+from self_revision_training.shared.run_lock import lock_directory
 from self_revision_training.shared.storage import (
     BatchLog,
     atomic_write_json,
@@ -277,11 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         problems, report = load_problems(cfg.dataset)
         print(f"sample_data: config ok; {report.loaded} problems; {check_model_and_prompts(cfg, problems)}")
         return None
-    try:
-        lock = acquire_run_lock(out, "sampling")
-    except RunLockError as exc:
-        raise SystemExit(f"sample_data: {exc}") from None
-    with lock:
+    with lock_directory(out, "sampling", "sample_data"):
         check_resume(cfg, out)
         problems, _ = load_problems(cfg.dataset)
         mine = [p for p in problems if p.index % cfg.num_shards == cfg.shard_index]

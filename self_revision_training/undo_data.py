@@ -63,7 +63,7 @@ from self_revision_training.shared.prompts import (
     strip_eos,
 )
 from self_revision_training.shared.run_config import save_run_config
-from self_revision_training.shared.run_lock import RunLockError, acquire_run_lock
+from self_revision_training.shared.run_lock import lock_directory
 from self_revision_training.shared.storage import (
     BatchLog,
     atomic_write_json,
@@ -326,11 +326,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_cli(UndoDataConfig, argv, description=__doc__.splitlines()[0])
     out = shard_dir(cfg.output_dir, cfg.shard_index, cfg.num_shards)
-    try:
-        lock = acquire_run_lock(out, "rationale regeneration")
-    except RunLockError as exc:
-        raise SystemExit(f"undo_data: {exc}") from None
-    with lock:
+    with lock_directory(out, "rationale regeneration", "undo_data"):
         check_resume(cfg, out)
         problems, _ = load_problems(cfg.dataset)
         inputs = load_inputs(cfg)

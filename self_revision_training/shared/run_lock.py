@@ -178,3 +178,12 @@ def check_run_lock(directory: str | Path) -> None:
     if not (Path(directory) / LOCK_FILE).exists():
         return
     RunLock(directory, "probe").acquire().release()
+
+
+def lock_directory(directory: str | Path, what: str, program: str) -> RunLock:
+    """`acquire_run_lock` for an entry point: another live holder ends the program with a message naming
+    it (`SystemExit("program: ...")`) instead of a traceback. Use as `with lock_directory(out, ...):`."""
+    try:
+        return acquire_run_lock(directory, what)
+    except RunLockError as exc:
+        raise SystemExit(f"{program}: {exc}") from None

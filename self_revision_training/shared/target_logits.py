@@ -105,7 +105,9 @@ def packed_position_ids(lengths: Sequence[int]) -> torch.Tensor:
 PACKED_SDPA = "sdpa_packed"  # the attention implementation `use_packed_attention` registers with transformers
 
 
-def _sequence_starts(position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> list[int] | None:
+def _sequence_starts(
+    position_ids: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+) -> list[int] | None:
     """[0, start of each later sequence, T] of a packed row (batch 1, no cache), else None (one sequence,
     a padded batch, decoding). A position that does not follow its left neighbour starts a sequence (the
     rule transformers' `find_packed_sequence_indices` uses for the block-diagonal mask)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["base", "srt", "sd-zero", "rft", "ssd", "grpo", "opsd", "sd-zero-vote"]
+METHODS = ["base", "srt", "sd-zero", "rft", "ssd", "grpo", "opsd", "sd-zero-vote", "undo"]
 
 
 def run_compare(out: Path, cache: Path, **env) -> subprocess.CompletedProcess:

@@ -192,3 +192,19 @@ def test_ray_vllm_two_learners_sync_through_the_object_store(setup, tmp_path):
     for r in train[1:]:
         assert r["policy_version"] >= 1 and r["train/rollout_minus_learner_logprob_abs_max"] < 1e-4
     assert not list((tmp_path / "weights").glob("*"))
+
+
+def test_shared_weights_round_trip_exactly():
+    """`share_weights` (numpy views for Ray's zero-copy store; bf16 as its int16 bits) -> `resolve_weights`."""
+    from self_distillation.teacher import resolve_weights, share_weights
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "a.weight": torch.randn(4, 3, generator=gen),
+        "b.weight": torch.randn(5, generator=gen).to(torch.bfloat16),
+        "c.weight": torch.randn(2, 2, generator=gen).to(torch.float16),
+    }
+    back = resolve_weights(share_weights(state))
+    assert back.keys() == state.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in state.items())
+    assert resolve_weights(state) is state  # plain tensors pass through
