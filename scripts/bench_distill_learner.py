@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile-backend", default="", help="torch.compile each decoder layer (inductor)")
+    parser.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel")
     parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--peak-flops", type=float, default=989e12)
@@ -94,10 +96,16 @@ def main() -> None:
     model = TargetLogitsLM(causal_lm, args.chunk_size)
     mixed = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
     dist_utils.wrap_fsdp(
-        model, device, mixed_precision=mixed, activation_checkpointing=args.activation_checkpointing
+        model,
+        device,
+        mixed_precision=mixed,
+        activation_checkpointing=args.activation_checkpointing,
+        compile_backend=args.compile_backend,
     )
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=0.01, fused=args.fused_adamw or None
+    )
     gen = torch.Generator().manual_seed(dist_utils.rank())
 
     def sample(length: int) -> LearnerSample:

@@ -122,6 +122,8 @@ def throughput_fields(args, times, tokens_per_s, world, fpt, n_params, device) -
         "peak_memory_gib": memory,
         "peak_memory_kind": memory_kind,
         "packing": getattr(args, "packing", False),
+        "compile_backend": getattr(args, "compile_backend", ""),
+        "fused_adamw": getattr(args, "fused_adamw", False),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -146,6 +148,8 @@ def main() -> None:
         "--prompt-fraction", type=float, default=0.1, help="masked prompt share of each sequence"
     )
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile-backend", default="", help="torch.compile each decoder layer (inductor)")
+    parser.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel")
     parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument(
@@ -177,12 +181,19 @@ def main() -> None:
     mixed = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and device.type == "cuda")
     model = CompletionLossModel(causal_lm)
     dist_utils.wrap_fsdp(
-        model, device, mixed_precision=mixed, activation_checkpointing=args.activation_checkpointing
+        model,
+        device,
+        mixed_precision=mixed,
+        activation_checkpointing=args.activation_checkpointing,
+        compile_backend=args.compile_backend,
     )
     model.train()
     # optimizer settings: the SFT defaults (AdamW, betas (0.9, 0.95), wd 1e-4, clip 1.0)
     cfg = SFTConfig(
-        output_dir="unused", model=ModelConfig(path="random"), data=SFTDataConfig(train_file="random")
+        output_dir="unused",
+        model=ModelConfig(path="random"),
+        data=SFTDataConfig(train_file="random"),
+        adam_fused=args.fused_adamw,
     )
     optimizer = build_optimizer(model, cfg)
 

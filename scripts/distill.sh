@@ -51,7 +51,9 @@ KNOBS=(
   "OBJECTIVE objective choice:distillation,grpo"
   "TRUNCATED_ROLLOUTS truncated_rollouts choice:distill,drop" "VAL_PERIOD val_period int"
   "SAVE_PERIOD save_period int" "NUM_ROLLOUT_ENGINES ray.num_rollout_engines pos_int"
-  "ROLLOUT_TP_SIZE ray.rollout_tp_size int"
+  "ROLLOUT_TP_SIZE ray.rollout_tp_size int" "ASYNC_ROLLOUTS async_rollouts choice:0,1"
+  "WEIGHT_SYNC ray.weight_sync choice:memory,file" "TEACHER_PACK_TOKENS teacher_pack_tokens int"
+  "PACKING packing choice:true,false"
 )
 [[ -f "$CONFIG" ]] || knob_fail CONFIG "does not exist"
 knob_pos_int NUM_NODES; knob_pos_int NUM_LEARNERS; knob_int NUM_GPUS

@@ -178,15 +178,33 @@ class LearnerGroup:
             h.kill()
 
 
-def split_evenly(num_items: int, num_parts: int) -> list[range]:
-    """`num_parts` contiguous ranges covering range(num_items), sizes differing by at most one."""
-    bounds = [round(i * num_items / num_parts) for i in range(num_parts + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(num_parts)]
+def split_by_cost(costs: list[float], num_parts: int) -> list[list[int]]:
+    """Prompt indices per engine so that the engines finish together: longest-processing-time first (each
+    prompt, by decreasing expected cost, to the engine with the least cost so far; ties by index), each
+    engine's indices in input order. One engine: every index, in order."""
+    if num_parts == 1:
+        return [list(range(len(costs)))]
+    loads, parts = [0.0] * num_parts, [[] for _ in range(num_parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        e = min(range(num_parts), key=lambda e: (loads[e], e))
+        loads[e] += costs[i]
+        parts[e].append(i)
+    return [sorted(p) for p in parts]
+
+
+@dataclass
+class PendingRollouts:
+    """A generate call in flight on every engine (`RolloutGroup.submit`), collected by `collect`."""
+
+    futures: list[Any]
+    parts: list[list[int]]
+    num_prompts: int
 
 
 class RolloutGroup:
     """Data-parallel rollout engines behind one interface: each step's prompts are split between the
-    engines (contiguous, balanced by count), every engine receives the synced weights."""
+    engines by expected cost (`split_by_cost`: prompt tokens + the expected response length the driver
+    passes, so the engines finish together), every engine receives the synced weights."""
 
     def __init__(self, handles: list[ActorHandle]):
         self.handles = handles
@@ -202,10 +220,24 @@ class RolloutGroup:
         limits: list[int],
         call_key: int,
         context: str,
+        expected: list[float] | None = None,
     ) -> tuple[list[Any], int]:
         """-> (per prompt, per sample (ids, text, finish reason, log-probs)), the engines' policy version."""
+        return self.collect(self.submit(prompts, sampling, limits, call_key, expected), context)
+
+    def submit(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        limits: list[int],
+        call_key: int,
+        expected: list[float] | None = None,
+    ) -> PendingRollouts:
+        """Start a generate call on every engine (with Ray it runs while the driver goes on; without, it
+        runs now). `expected`: expected response tokens per prompt (None: its token limit)."""
         engines = len(self.handles)
-        parts = [p for p in split_evenly(len(prompts), engines)]
+        lengths = expected if expected is not None else limits
+        parts = split_by_cost([len(p) + x for p, x in zip(prompts, lengths, strict=True)], engines)
         futures = [  # one engine keeps the call key: a single-engine run samples exactly as before
             h.submit(
                 "generate",
@@ -216,19 +248,28 @@ class RolloutGroup:
             )
             for e, (h, part) in enumerate(zip(self.handles, parts, strict=True))
         ]
-        results = resolve(futures, self.handles, "generate", context)
+        return PendingRollouts(futures, parts, len(prompts))
+
+    def collect(self, pending: PendingRollouts, context: str) -> tuple[list[Any], int]:
+        """Wait for a submitted call: (rows in the order of its prompts, the engines' policy version)."""
+        results = resolve(pending.futures, self.handles, "generate", context)
         versions = {version for _, version in results}
         if len(versions) != 1:
             raise ActorFailure(
                 f"rollout engines hold different weights versions {sorted(versions)} {context}"
             )
-        return [row for rows, _ in results for row in rows], versions.pop()
+        rows: list[Any] = [None] * pending.num_prompts
+        for part, (engine_rows, _) in zip(pending.parts, results, strict=True):
+            for i, row in zip(part, engine_rows, strict=True):
+                rows[i] = row
+        return rows, versions.pop()
 
-    def update_weights(self, weights: Any, context: str) -> None:
+    def update_weights(self, weights: Any, context: str) -> int:
         """Every engine loads `weights`: a directory, {name: tensor}, or one Ray ObjectRef of that dict
-        (passed as is: each engine's actor reads the same object, nothing is copied per engine here)."""
+        (passed as is: each engine's actor reads the same object, nothing is copied per engine here).
+        A Ray engine runs it after any generate call submitted before it. Returns the engines' version."""
         futures = [h.submit("update_weights", weights) for h in self.handles]
-        resolve(futures, self.handles, "update_weights", context)
+        return max(resolve(futures, self.handles, "update_weights", context))
 
     def kill(self) -> None:
         for h in self.handles:

@@ -78,6 +78,7 @@ class OptimConfig:
     warmup_steps: int = 20  # linear warm-up steps, then constant (reference: LinearLR + ConstantLR)
     warmup_start_factor: float = 0.1  # lr multiplier at step 0 (reference 0.1)
     max_grad_norm: float = 1.0  # global L2 clip; <= 0 = off (norm still logged)
+    fused: bool = False  # torch's fused AdamW kernel (CUDA and CPU; same update up to rounding)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0 or self.warmup_steps < 0:
@@ -200,6 +201,7 @@ class SelfDistillationConfig:
     teacher_offload: bool = True  # GPU: move the teacher to CPU between scoring calls (colocated)
     teacher_pack_tokens: int = 0  # teacher: tokens per packed row (sorted, no padding); 0 = padded, 4 a batch
     packing: bool = False  # learner: each micro-batch as one packed row without padding (same loss)
+    async_rollouts: int = 0  # 1: the next step's rollouts are sampled during this step's update (1 off-policy)
     val_period: int = 20  # steps between validations; 0 = none (start/end still run when val_data set)
     val_at_start: bool = True  # validate before the first step
     val_at_end: bool = True  # validate after the last step
@@ -209,6 +211,7 @@ class SelfDistillationConfig:
     keep_last: int = 2  # newest checkpoints kept, plus the best by validation accuracy
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # learner: auto = bf16 compute on CUDA
     activation_checkpointing: bool = True  # learner: recompute decoder layers in backward
+    compile_backend: str = ""  # learner: torch.compile each decoder layer ("inductor"); "" = off
     health_metrics: bool = True  # learner: gradient noise scale, weights changed, update ratio (health.py)
     dump_every: int = 0  # steps between per-token KL dumps (dumps/step_N.jsonl.gz + .html); 0 = off
     dump_per_reward: int = 4  # samples dumped per reward value (r=0, r=1) at a dump step
@@ -223,6 +226,8 @@ class SelfDistillationConfig:
             raise ConfigError("output_dir is required")
         if not self.student.path or not self.teacher.path or not self.train_data.path:
             raise ConfigError("student.path, teacher.path and train_data.path are required")
+        if self.async_rollouts not in (0, 1):
+            raise ConfigError(f"async_rollouts must be 0 or 1 (steps off-policy), got {self.async_rollouts}")
         positive = (
             "num_prompts_per_step",
             "num_generations_per_prompt",

@@ -97,6 +97,7 @@ class Learner:
             self.device,
             mixed_precision=mixed,
             activation_checkpointing=cfg.activation_checkpointing,
+            compile_backend=cfg.compile_backend,
         )
         self.model.train()
         o = cfg.optim
@@ -106,6 +107,7 @@ class Learner:
             betas=tuple(o.betas),
             eps=o.eps,
             weight_decay=o.weight_decay,
+            fused=o.fused or None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_multiplier(step, o.warmup_steps, o.warmup_start_factor)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from self_distillation.actors import Workers
+from self_distillation.actors import PendingRollouts, Workers
 from self_distillation.config import SelfDistillationConfig
 from self_distillation.objectives import select_rollouts
 from self_distillation.rollout_data import (
@@ -53,6 +53,127 @@ class RolloutBatch:
     verdicts: list[list[Any]]  # per problem, per sample
     policy_version: int
     no_room: int  # prompts that leave no room to generate under max_total_sequence_length
+    weights_step: int = 0  # the learner step whose weights sampled it (async_rollouts: one step behind)
+
+
+class ResponseLengths:
+    """Expected response tokens per training problem (the mean of its last sampled group), so that a step's
+    prompts are split between several rollout engines by expected cost; a problem not yet seen counts as
+    the mean of those seen (none seen: its token limit). Kept in the driver state, so that a resumed run
+    splits exactly as the uninterrupted one (one engine: nothing is tracked)."""
+
+    def __init__(self, state: dict[str, float] | None = None):
+        self.by_problem = {int(k): float(v) for k, v in (state or {}).items()}
+
+    def expected(self, problems: list[Problem], limits: list[int]) -> list[float]:
+        seen = self.by_problem
+        default = sum(seen.values()) / len(seen) if seen else None
+        return [
+            seen.get(p.index, default if default is not None else float(limit))
+            for p, limit in zip(problems, limits, strict=True)
+        ]
+
+    def update(self, batch: RolloutBatch) -> None:
+        for problem, row in zip(batch.problems, batch.samples, strict=True):
+            self.by_problem[problem.index] = round(sum(len(s[0]) for s in row) / max(1, len(row)), 3)
+
+    def state_dict(self) -> dict[str, float]:
+        return {str(k): v for k, v in sorted(self.by_problem.items())}
+
+
+@dataclass
+class PendingBatch:
+    """A batch being sampled (`pending`) or sampled and not yet graded (`rows`: restored from a checkpoint)."""
+
+    problems: list[Problem]  # the problems asked for
+    ids: list[list[int]]  # their prompt ids
+    keep: list[int]  # the ones with room to generate
+    split: str
+    weights_step: int
+    pending: PendingRollouts | None = None
+    rows: list[Any] | None = None
+    policy_version: int = 0
+    started: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The sampled batch for a checkpoint (call after `ready`): what grading and training need."""
+        assert self.rows is not None, "collect the batch before saving it"
+        return {
+            "problem_indices": [p.index for p in self.problems],
+            "split": self.split,
+            "weights_step": self.weights_step,
+            "policy_version": self.policy_version,
+            "rows": self.rows,
+        }
+
+
+def start_sampling(
+    workers: Workers,
+    cfg: SelfDistillationConfig,
+    prompts: PromptCache,
+    split: str,
+    problems: list[Problem],
+    n: int,
+    call_key: int,
+    weights_step: int,
+    lengths: ResponseLengths | None = None,
+) -> PendingBatch:
+    """Submit n samples per problem to the rollout engines (with Ray the call runs while the driver goes
+    on: `async_rollouts`; without, it runs now)."""
+    ids = [prompts.student(split, p) for p in problems]
+    budgets = [cfg.max_total_sequence_length - len(p) for p in ids]
+    keep = [j for j, b in enumerate(budgets) if b >= 1]
+    sampling = dataclasses.replace(cfg.sampling, n=n)
+    limits = [min(cfg.sampling.max_tokens, budgets[j]) for j in keep]
+    expected = lengths.expected([problems[j] for j in keep], limits) if lengths is not None else None
+    t0 = time.perf_counter()
+    pending = workers.rollout.submit([ids[j] for j in keep], sampling, limits, call_key, expected)
+    return PendingBatch(problems, ids, keep, split, weights_step, pending, started=t0)
+
+
+def ready(workers: Workers, batch: PendingBatch, context: str, timing: dict[str, float]) -> PendingBatch:
+    """Wait for a submitted batch's samples (the wait is `timing["rollout"]`)."""
+    if batch.rows is None:
+        t0 = time.perf_counter()
+        batch.rows, batch.policy_version = workers.rollout.collect(batch.pending, context)
+        timing["rollout"] = timing.get("rollout", 0.0) + time.perf_counter() - t0
+        batch.pending = None
+    return batch
+
+
+def restore_batch(
+    saved: dict[str, Any], problems: list[Problem], prompts: PromptCache, cfg: SelfDistillationConfig
+) -> PendingBatch:
+    """A batch saved with a checkpoint (`PendingBatch.to_json`), for the resumed run to grade and train."""
+    chosen = [problems[i] for i in saved["problem_indices"]]
+    ids = [prompts.student(saved["split"], p) for p in chosen]
+    keep = [j for j, p in enumerate(ids) if cfg.max_total_sequence_length - len(p) >= 1]
+    rows = [[(list(s[0]), s[1], s[2], s[3]) for s in row] for row in saved["rows"]]
+    return PendingBatch(
+        chosen, ids, keep, saved["split"], saved["weights_step"], rows=rows,
+        policy_version=saved["policy_version"],
+    )  # fmt: skip
+
+
+def finish_sampling(
+    workers: Workers, batch: PendingBatch, context: str, timing: dict[str, float]
+) -> RolloutBatch:
+    """Collect a submitted batch and score it with the reward source (times into `timing`)."""
+    ready(workers, batch, context, timing)
+    kept = [batch.problems[j] for j in batch.keep]
+    t0 = time.perf_counter()
+    groups = [[s[1] for s in row] for row in batch.rows]
+    verdicts = workers.reward.call("score", kept, groups, batch.split, context=context)
+    timing["grading"] = time.perf_counter() - t0
+    return RolloutBatch(
+        kept,
+        [batch.ids[j] for j in batch.keep],
+        batch.rows,
+        verdicts,
+        batch.policy_version,
+        len(batch.problems) - len(batch.keep),
+        batch.weights_step,
+    )
 
 
 def sample_and_grade(
@@ -65,22 +186,14 @@ def sample_and_grade(
     call_key: int,
     context: str,
     timing: dict[str, float],
+    weights_step: int = 0,
+    lengths: ResponseLengths | None = None,
 ) -> RolloutBatch:
-    """n samples per problem from the rollout engine, scored by the reward source (times into `timing`)."""
-    ids = [prompts.student(split, p) for p in problems]
-    budgets = [cfg.max_total_sequence_length - len(p) for p in ids]
-    keep = [j for j, b in enumerate(budgets) if b >= 1]
-    sampling = dataclasses.replace(cfg.sampling, n=n)
-    limits = [min(cfg.sampling.max_tokens, budgets[j]) for j in keep]
+    """n samples per problem from the rollout engines, scored by the reward source (times into `timing`)."""
     t0 = time.perf_counter()
-    rows, version = workers.rollout.generate([ids[j] for j in keep], sampling, limits, call_key, context)
+    batch = start_sampling(workers, cfg, prompts, split, problems, n, call_key, weights_step, lengths)
     timing["rollout"] = time.perf_counter() - t0
-    kept = [problems[j] for j in keep]
-    t0 = time.perf_counter()
-    groups = [[s[1] for s in row] for row in rows]
-    verdicts = workers.reward.call("score", kept, groups, split, context=context)
-    timing["grading"] = time.perf_counter() - t0
-    return RolloutBatch(kept, [ids[j] for j in keep], rows, verdicts, version, len(problems) - len(keep))
+    return finish_sampling(workers, batch, context, timing)
 
 
 def validate(workers, cfg, prompts, problems, step, state, timing) -> dict[str, float]:

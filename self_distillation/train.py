@@ -27,11 +27,16 @@ from self_distillation.rollout_data import (
     take_problem_indices,
 )
 from self_distillation.step import (
+    PendingBatch,
     PromptCache,
+    ResponseLengths,
     budget_metrics,
+    finish_sampling,
+    ready,
     record_step,
+    restore_batch,
     run_validation,
-    sample_and_grade,
+    start_sampling,
     train_step,
 )
 from self_distillation.teacher_context import build_teacher_context
@@ -155,10 +160,19 @@ def push_teacher_head(workers: Workers, cfg: SelfDistillationConfig, context: st
         learners.call_all("set_teacher_lm_head", [(weight,)] * len(learners.handles), context)
 
 
+PENDING_FILE = "pending_rollouts.json"  # async_rollouts: the next step's sampled batch, saved with a checkpoint
+
+
 def save_checkpoint(
-    root: Path, step: int, workers: Workers, driver_state: dict, cfg: SelfDistillationConfig
+    root: Path,
+    step: int,
+    workers: Workers,
+    driver_state: dict,
+    cfg: SelfDistillationConfig,
+    pending: dict | None = None,
 ) -> None:
-    """tmp dir -> learner shards + teacher (when it changes) + driver_state.json -> fsync + atomic rename."""
+    """tmp dir -> learner shards + teacher (when it changes) + driver_state.json (+ the next step's sampled
+    batch under async_rollouts, so that a resumed run trains on the same samples) -> fsync + atomic rename."""
     tmp, final = checkpoints.stage_dir(root, step)
     ctx = f"at step {step}"
     learners = workers.learners
@@ -166,6 +180,8 @@ def save_checkpoint(
     if cfg.teacher_mode in ("sync", "ema"):
         workers.teacher.call("save_weights", str(tmp / "teacher"), context=ctx)
     (tmp / "driver_state.json").write_text(json.dumps(driver_state))
+    if pending is not None:
+        (tmp / PENDING_FILE).write_text(json.dumps(pending))
     checkpoints.publish_dir(tmp, final)
     steps = [int(p.name.split("_")[1]) for p in checkpoints.list_checkpoints(root)]
     val = {int(k): v for k, v in driver_state["val_accuracy"].items()}
@@ -214,7 +230,12 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
     if existing:
         state = json.loads((existing[-1] / "driver_state.json").read_text())
     budget = Budget.from_dict(state["budget"]) if "budget" in state else Budget(stage="distill")
+    lengths = ResponseLengths(state.get("response_lengths")) if cfg.ray.num_rollout_engines > 1 else None
     start = state["step"]
+    pending: PendingBatch | None = None  # async_rollouts: the next step's batch, sampled one step behind
+    if existing and (existing[-1] / PENDING_FILE).is_file():
+        saved = json.loads((existing[-1] / PENDING_FILE).read_text())
+        pending = restore_batch(saved, train_problems, prompts, cfg)
     print(
         f"[distill] {len(train_problems)} train / {len(val_problems)} val problems; start at step {start + 1}",
         flush=True,
@@ -261,26 +282,31 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
         if last_step < cfg.max_num_steps:
             print(f"[distill] {cfg.max_num_epochs} epochs end at step {last_step} (max_num_steps "
                   f"{cfg.max_num_steps}): it is validated and checkpointed as the last step", flush=True)  # fmt: skip
-        for step in range(start + 1, last_step + 1):
-            timing.clear()
-            t_step = time.perf_counter()
+        def start_step(at: int, weights_step: int) -> PendingBatch:
+            """Take step `at`'s problems and submit their rollouts (the engines hold step weights_step's)."""
+            nonlocal position
             taken = take_problem_indices(
                 position, len(train_problems), cfg.num_prompts_per_step, cfg.seed, cfg.max_num_epochs
             )
             if taken is None:  # count_steps ends at the last full step of the last epoch
-                raise RuntimeError(f"no training problems left at step {step} (epoch {position.epoch})")
+                raise RuntimeError(f"no training problems left at step {at} (epoch {position.epoch})")
             indices, position = taken
-            batch = sample_and_grade(
-                workers,
-                cfg,
-                prompts,
-                "train",
-                [train_problems[i] for i in indices],
-                cfg.num_generations_per_prompt,
-                2 * step,
-                f"at step {step}",
-                timing,
-            )
+            chosen = [train_problems[i] for i in indices]
+            n = cfg.num_generations_per_prompt
+            return start_sampling(workers, cfg, prompts, "train", chosen, n, 2 * at, weights_step, lengths)
+
+        for step in range(start + 1, last_step + 1):
+            timing.clear()
+            t_step = time.perf_counter()
+            t0 = time.perf_counter()
+            this = pending if pending is not None else start_step(step, step - 1)
+            timing["rollout"] = time.perf_counter() - t0  # sampling now (or, async, what is left to wait)
+            batch = finish_sampling(workers, this, f"at step {step}", timing)
+            pending = None
+            if lengths is not None:
+                lengths.update(batch)
+            if cfg.async_rollouts and step < last_step:  # runs on the engines during this step's update
+                pending = start_step(step + 1, step - 1)
             items, rollout_metrics, learner_out = train_step(
                 workers, cfg, context, batch, step, timing, tokenizer
             )
@@ -311,6 +337,7 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
                 "train/num_target_tokens": learner_out["num_tokens"],
                 "train/tokens_per_s": tokens / seconds,
                 "policy_version": batch.policy_version,
+                "train/policy_lag": float(step - 1 - batch.weights_step),  # steps behind the learner
                 **{f"time/{k}": v for k, v in timing.items()},
                 "time/step": seconds,
             }
@@ -328,8 +355,13 @@ def run(cfg: SelfDistillationConfig, out: Path, ckpt_root: Path, weights_root: P
                     flush=True,
                 )
             state.update(step=step, epoch=position.epoch, offset=position.offset, budget=budget.state_dict())
+            if lengths is not None:
+                state["response_lengths"] = lengths.state_dict()
             if (cfg.save_period and step % cfg.save_period == 0) or step == last_step:
-                save_checkpoint(ckpt_root, step, workers, state, cfg)
+                saved = None
+                if pending is not None:  # the next step's samples go with the checkpoint (position is past them)
+                    saved = ready(workers, pending, f"at step {step}", {}).to_json()
+                save_checkpoint(ckpt_root, step, workers, state, cfg, saved)
                 budget.save(out)  # what the checkpointed run consumed
         spec = build_prompt_spec(tokenizer, prompt_cfg)
         learners.call_all("export_hf", [(str(out / "final"), spec)] * world, "at the final export")

@@ -99,6 +99,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.0  # ... to lr x this (SSD: 5e-6 -> 1e-6 = 0.2)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
     adam_eps: float = 1e-8  # AdamW epsilon
+    adam_fused: bool = False  # torch's fused AdamW kernel (CUDA and CPU; same update up to rounding)
     weight_decay: float = 1e-4  # AdamW decoupled decay (not on biases / norm weights, as HF Trainer)
     max_grad_norm: float = 1.0  # global L2 clip; <= 0 = no clipping (the norm is still logged)
     max_length: int = 32768  # tokens per sequence (prompt + completion)
@@ -109,6 +110,7 @@ class SFTConfig:
     overlong: Literal["truncate", "drop"] = "truncate"  # truncate cuts the completion, keeps the prompt
     seed: int = 0  # data order and torch seed
     activation_checkpointing: bool = True  # recompute decoder layers in backward (reference: on)
+    compile_backend: str = ""  # torch.compile each decoder layer with this backend ("inductor"); "" = off
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 compute on CUDA, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers attention
     loss_chunk_size: int = 4096  # rows of logits computed at once in the loss
@@ -200,7 +202,9 @@ def build_optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.AdamW
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=cfg.adam_fused or None
+    )
 
 
 def count_units(batch: dict[str, torch.Tensor]) -> list[float]:
@@ -287,7 +291,11 @@ def build_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, 
     mixed = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     model = CompletionLossModel(causal_lm, cfg.loss_chunk_size)
     dist_utils.wrap_fsdp(
-        model, device, mixed_precision=mixed, activation_checkpointing=cfg.activation_checkpointing
+        model,
+        device,
+        mixed_precision=mixed,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile_backend=cfg.compile_backend,
     )
     model.train()
     return model, causal_lm.config, mixed

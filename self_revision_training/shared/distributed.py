@@ -134,12 +134,14 @@ def wrap_fsdp(
     device: torch.device,
     mixed_precision: bool = False,
     activation_checkpointing: bool = False,
+    compile_backend: str = "",
 ) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, lm_head).
 
     mixed_precision: bf16 parameters/compute with float32 gradient reduction (master weights stay in the
     dtype the model was loaded in, float32 for training). Activation checkpointing (non-reentrant)
-    recomputes each decoder layer in backward.
+    recomputes each decoder layer in backward. compile_backend ("" = off, e.g. "inductor"): each decoder
+    layer is compiled in place (`nn.Module.compile`: parameter names do not change) before sharding.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -157,6 +159,8 @@ def wrap_fsdp(
         else MixedPrecisionPolicy()
     )
     for layer in layers:
+        if compile_backend:
+            layer.compile(backend=compile_backend)
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -194,3 +194,35 @@ def test_sft_step_through_fsdp_is_the_same_packed(tiny_model_dir):
         _assert_same(wa, wb)
     finally:
         dist_utils.cleanup()
+
+
+def test_sft_fused_adamw_gives_the_same_update(tiny_model_dir):
+    """SFT `adam_fused` (torch's fused AdamW on FSDP2's sharded parameters): the optimizer is the fused one
+    and the updated weights equal the for-each AdamW's up to float32 rounding."""
+    import dataclasses
+
+    from self_revision_training.sft import SFTConfig, SFTDataConfig, build_optimizer, train_step
+    from self_revision_training.shared import distributed as dist_utils
+    from self_revision_training.shared.config import ModelConfig
+
+    device = dist_utils.init()
+    try:
+        base = SFTConfig(output_dir="unused", model=ModelConfig(path="x"), data=SFTDataConfig(train_file="x"))
+        weights, start = {}, None
+        for fused in (False, True):
+            cfg = dataclasses.replace(base, adam_fused=fused)
+            causal_lm = _model(tiny_model_dir)
+            model = CompletionLossModel(causal_lm, 16)
+            dist_utils.wrap_fsdp(model, device)
+            start = start or {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+            optimizer = build_optimizer(model, cfg)
+            assert bool(optimizer.defaults["fused"]) is fused
+            examples = _sft_examples(causal_lm.config.vocab_size)
+            for _ in range(2):
+                train_step(model, optimizer, [(collate(examples[:3], 0, device), 1.0)], cfg.max_grad_norm)
+            weights[fused] = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        for key, value in weights[False].items():
+            assert torch.allclose(weights[True][key], value, rtol=1e-5, atol=1e-7), key
+        assert any(not torch.equal(v, start[k]) for k, v in weights[False].items())  # the steps moved it
+    finally:
+        dist_utils.cleanup()
