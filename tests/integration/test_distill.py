@@ -565,3 +565,22 @@ def test_compiled_decoder_layers_take_the_same_steps(setup, tmp_path, backend):
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-4 * max(1.0, abs(a["train/loss"])), (a, b)
     assert (tmp_path / "compiled" / "final" / "config.json").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_async_rollouts_under_ray_sample_what_the_local_run_samples(setup, tmp_path):
+    """With Ray the prefetched generate call runs on the engine actor while the driver scores and trains;
+    the engine runs the weight sync only after it (actor calls run in order), so the run equals the local
+    async run exactly (HF engine: seeded by the call key)."""
+    import ray
+
+    args = ["ray.num_learners=1", "backend.name=hf", "async_rollouts=1", "max_num_steps=3"]
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        remote = [r for r in run(setup, tmp_path / "ray", *args) if "train/loss" in r]
+    finally:
+        ray.shutdown()
+    local = [r for r in run(setup, tmp_path / "local", *args, "ray.enabled=false") if "train/loss" in r]
+    assert [r["train/policy_lag"] for r in remote] == [0.0, 1.0, 1.0]
+    assert [r["train/loss"] for r in remote] == [r["train/loss"] for r in local]
