@@ -3,7 +3,7 @@
 # budget, evaluated on the same held-out problems with the same decoding, with paired statistics and
 # sample-efficiency curves (python -m self_distillation.compare).
 #
-#   bash scripts/compare.sh                                   # the embedded model and task on CPU (~1 h, 2 cores)
+#   bash scripts/compare.sh                                   # the embedded model and task on CPU (2-3 h, 2 cores)
 #   COMPARE_SIZE=smoke bash scripts/compare.sh                # tiny sizes (CI's test)
 #   METHODS=base,rft,sd-zero,grpo COMPARE_SIZE=paper BASE_MODEL=Qwen/Qwen3-4B-Instruct-2507 \
 #     TRAIN_DATASET=data/train.jsonl VAL_DATASET=data/val.jsonl TEST_DATASET=data/math500.jsonl \
