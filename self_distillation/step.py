@@ -93,7 +93,6 @@ class PendingBatch:
     pending: PendingRollouts | None = None
     rows: list[Any] | None = None
     policy_version: int = 0
-    started: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The sampled batch for a checkpoint (call after `ready`): what grading and training need."""
@@ -126,9 +125,8 @@ def start_sampling(
     sampling = dataclasses.replace(cfg.sampling, n=n)
     limits = [min(cfg.sampling.max_tokens, budgets[j]) for j in keep]
     expected = lengths.expected([problems[j] for j in keep], limits) if lengths is not None else None
-    t0 = time.perf_counter()
     pending = workers.rollout.submit([ids[j] for j in keep], sampling, limits, call_key, expected)
-    return PendingBatch(problems, ids, keep, split, weights_step, pending, started=t0)
+    return PendingBatch(problems, ids, keep, split, weights_step, pending)
 
 
 def ready(workers: Workers, batch: PendingBatch, context: str, timing: dict[str, float]) -> PendingBatch:
@@ -186,12 +184,10 @@ def sample_and_grade(
     call_key: int,
     context: str,
     timing: dict[str, float],
-    weights_step: int = 0,
-    lengths: ResponseLengths | None = None,
 ) -> RolloutBatch:
     """n samples per problem from the rollout engines, scored by the reward source (times into `timing`)."""
     t0 = time.perf_counter()
-    batch = start_sampling(workers, cfg, prompts, split, problems, n, call_key, weights_step, lengths)
+    batch = start_sampling(workers, cfg, prompts, split, problems, n, call_key, weights_step=0)
     timing["rollout"] = time.perf_counter() - t0
     return finish_sampling(workers, batch, context, timing)
 
