@@ -59,19 +59,7 @@ KNOBS=(
 knob_pos_int NUM_NODES; knob_pos_int NUM_LEARNERS; knob_int NUM_GPUS
 : "${MODE:=math}"                                       # math (math-verify) | code (tests in the sandbox)
 knob_choice MODE math code
-args=()
-for spec in "${KNOBS[@]}"; do
-  read -r name key check <<< "$spec"
-  [[ -n "${!name-}" ]] || continue
-  case "$check" in
-    pos_int) knob_pos_int "$name" ;;
-    int) knob_int "$name" ;;
-    float) knob_float "$name" ;;
-    topk) [[ "${!name}" == null ]] || knob_pos_int "$name" ;;
-    choice:*) IFS=, read -r -a choices <<< "${check#choice:}"; knob_choice "$name" "${choices[@]}" ;;
-  esac
-  args+=("$key=${!name}")
-done
+knob_overrides  # args=(key=value ...) for every set knob in KNOBS, each checked
 
 echo "distill.sh: METHOD=$METHOD preset $CONFIG; set knobs override it:"
 knob_print OUTPUT_DIR STUDENT_MODEL TEACHER_MODEL TRAIN_DATASET VAL_DATASET MODE NUM_GPUS NUM_NODES NUM_LEARNERS PYTHON

@@ -82,3 +82,21 @@ knob_wait() {
   echo "-$pid" >&"$_knob_watchdog_fd"
   return "$status"
 }
+# KNOBS=("NAME config.key check" ...) -> args=(config.key=value ...) for every knob that is set, each value
+# checked first (pos_int | int | float | topk (a positive int or null) | choice:a,b,...).
+knob_overrides() {
+  local spec name key check choices
+  args=()
+  for spec in "${KNOBS[@]}"; do
+    read -r name key check <<< "$spec"
+    [[ -n "${!name-}" ]] || continue
+    case "$check" in
+      pos_int) knob_pos_int "$name" ;;
+      int) knob_int "$name" ;;
+      float) knob_float "$name" ;;
+      topk) [[ "${!name}" == null ]] || knob_pos_int "$name" ;;
+      choice:*) IFS=, read -r -a choices <<< "${check#choice:}"; knob_choice "$name" "${choices[@]}" ;;
+    esac
+    args+=("$key=${!name}")
+  done
+}

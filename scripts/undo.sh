@@ -58,18 +58,7 @@ KNOBS=(
 [[ -f "$CONFIG" ]] || knob_fail CONFIG "does not exist"
 knob_int NUM_GPUS
 command -v "$PYTHON" >/dev/null || knob_fail PYTHON "not found"
-args=()
-for spec in "${KNOBS[@]}"; do
-  read -r name key check <<< "$spec"
-  [[ -n "${!name-}" ]] || continue
-  case "$check" in
-    pos_int) knob_pos_int "$name" ;;
-    int) knob_int "$name" ;;
-    float) knob_float "$name" ;;
-    choice:*) IFS=, read -r -a choices <<< "${check#choice:}"; knob_choice "$name" "${choices[@]}" ;;
-  esac
-  args+=("$key=${!name}")
-done
+knob_overrides  # args=(key=value ...) for every set knob in KNOBS, each checked
 
 echo "undo.sh: INNER=$INNER preset $CONFIG; set knobs override it:"
 knob_print OUTPUT_DIR STUDENT_MODEL TEACHER_MODEL SRT_DIR TRAIN_DATASET VAL_DATASET TEST_DATASET NUM_GPUS PYTHON
